@@ -1,0 +1,206 @@
+"""Coordinator-side aggregation: check each reply, then add ciphertexts (CKKS) or pass clean plaintext on.
+
+This is the public API that `strategies/` builds on. Every reply is checked on its own and a bad one is
+rejected with its reason; it never touches the aggregate and never stops the round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Protocol
+
+import numpy as np
+import tenseal as ts
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from fedqf.config import SecureAggregationMode
+from fedqf.crypto import EncryptedSum
+from fedqf.errors import FedqfError, UpdateRejectedError
+from fedqf.model import ParameterLayout
+from fedqf.protocol import (
+    AGGREGATE_ROUND,
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    WEIGHT_SUM,
+    InstitutionReport,
+    ReplyStatus,
+    encrypted_to_record,
+    record_to_encrypted,
+    report_from_reply,
+)
+
+
+class RoundObserver(Protocol):
+    """Receives every institution's report of a training round, accepted or not."""
+
+    def record_train(self, server_round: int, reports: Sequence[InstitutionReport]) -> None: ...
+
+
+@dataclass(frozen=True)
+class AggregationSetup:
+    """What a strategy needs to check and aggregate updates. Holds a public CKKS context only."""
+
+    mode: SecureAggregationMode
+    layout: ParameterLayout
+    public_context: ts.Context | None = None
+    fingerprint: str = ""
+    observer: RoundObserver | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is SecureAggregationMode.CKKS:
+            if self.public_context is None or not self.fingerprint:
+                raise FedqfError("CKKS aggregation needs a public context and its key fingerprint")
+            if self.public_context.is_private():
+                raise FedqfError("the coordinator must not hold a CKKS secret key; give it the public context")
+
+
+@dataclass(frozen=True)
+class TrainAggregate:
+    """The outcome of one training round at the coordinator."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    accepted: tuple[Message, ...]
+    reports: tuple[InstitutionReport, ...]
+
+
+def _weighted_train_metrics(reports: Sequence[InstitutionReport]) -> MetricRecord:
+    total = sum(r.metrics.get(NUM_EXAMPLES, 0.0) for r in reports)
+    loss = sum(r.metrics.get("train-loss", 0.0) * r.metrics.get(NUM_EXAMPLES, 0.0) for r in reports)
+    eps = [r.metrics["epsilon"] for r in reports if "epsilon" in r.metrics]
+    return MetricRecord(
+        {
+            "train-loss": loss / total if total else float("nan"),
+            "institutions": len(reports),
+            "num-examples": int(total),
+            "max-epsilon": max(eps) if eps else 0.0,
+        }
+    )
+
+
+def _check_plain_update(message: Message, layout: ParameterLayout) -> None:
+    record = message.content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise UpdateRejectedError("the update holds no ArrayRecord 'arrays'")
+    if list(record.keys()) != list(layout.names):
+        raise UpdateRejectedError(f"the update's arrays are {list(record.keys())}, expected {list(layout.names)}")
+    for name, shape in zip(layout.names, layout.shapes):
+        array = record[name]
+        if array.stype != "numpy.ndarray" or array.dtype != "float32":
+            raise UpdateRejectedError(f"array '{name}' must be float32 numpy, got {array.dtype}/{array.stype}")
+        try:
+            values = array.numpy()
+        except Exception as exc:
+            raise UpdateRejectedError(f"array '{name}' does not decode ({exc})") from exc
+        if tuple(values.shape) != shape:
+            raise UpdateRejectedError(f"array '{name}' has shape {tuple(values.shape)}, expected {shape}")
+        if not np.isfinite(values).all():
+            raise UpdateRejectedError(f"array '{name}' holds NaN or Inf")
+
+
+def _check_weight(report: InstitutionReport) -> float:
+    samples = report.metrics.get(NUM_EXAMPLES)
+    weight = report.metrics.get("weight")
+    if samples is None or not math.isfinite(samples) or samples <= 0:
+        raise UpdateRejectedError(f"num-examples must be a positive number, got {samples}")
+    if weight is None or not math.isfinite(weight) or weight <= 0:
+        raise UpdateRejectedError(f"weight must be a positive number, got {weight}")
+    return weight
+
+
+def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup: AggregationSetup) -> TrainAggregate:
+    """Check every reply and aggregate the accepted ones.
+
+    CKKS: S = sum_k c_k over accepted ciphertexts, added one at a time into a running sum (memory does not
+    grow with the number of institutions); the result carries S, the round and sum_k a_k, from which
+    institutions compute w_{t+1} = w_t + Dec(S) / sum_k a_k. Plaintext: the accepted messages are returned
+    for the strategy's own rule (mean, median, Krum, ...).
+    """
+    accepted: list[Message] = []
+    reports: list[InstitutionReport] = []
+    running: EncryptedSum | None = None
+    weight_sum = 0.0
+    if setup.mode is SecureAggregationMode.CKKS:
+        assert setup.public_context is not None
+        running = EncryptedSum(setup.public_context, length=setup.layout.size, fingerprint=setup.fingerprint)
+    for message in replies:
+        report = report_from_reply(message)
+        if report.status is ReplyStatus.OK:
+            try:
+                weight = _check_weight(report)
+                if running is not None:
+                    record = message.content.get(ARRAYS)
+                    if not isinstance(record, ArrayRecord):
+                        raise UpdateRejectedError("the update holds no ArrayRecord 'arrays'")
+                    running.add(record_to_encrypted(record))
+                else:
+                    _check_plain_update(message, setup.layout)
+                weight_sum += weight
+                accepted.append(message)
+            except FedqfError as exc:
+                report = report.rejected(str(exc))
+        if report.status is not ReplyStatus.OK:
+            log(WARNING, "round %d: institution %d %s: %s", server_round, report.node_id, report.status.value, report.reason)
+        reports.append(report)
+    if setup.observer is not None:
+        setup.observer.record_train(server_round, reports)
+    ok_reports = [r for r in reports if r.status is ReplyStatus.OK]
+    log(INFO, "round %d: %d of %d institutions' updates accepted", server_round, len(ok_reports), len(reports))
+    if not accepted:
+        return TrainAggregate(None, None, (), tuple(reports))
+    metrics = _weighted_train_metrics(ok_reports)
+    arrays: ArrayRecord | None = None
+    if running is not None:
+        arrays = encrypted_to_record(
+            running.result(),
+            extra={
+                AGGREGATE_ROUND: np.array([server_round], dtype=np.int64),
+                WEIGHT_SUM: np.array([weight_sum], dtype=np.float64),
+            },
+        )
+    return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
+
+
+def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    """Weighted mean of the institutions' validation loss and accuracy; malformed replies are skipped."""
+    total = 0.0
+    loss = 0.0
+    accuracy = 0.0
+    for message in replies:
+        if message.has_error():
+            log(WARNING, "round %d: evaluation failed at institution %d: %s", server_round,
+                message.metadata.src_node_id, message.error.reason)
+            continue
+        metrics = message.content.get(METRICS)
+        if not isinstance(metrics, MetricRecord):
+            continue
+        values = [metrics.get(k) for k in (NUM_EXAMPLES, "loss", "accuracy")]
+        if not all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in values):
+            continue
+        n, l, a = (float(v) for v in values)  # type: ignore[arg-type]
+        if n <= 0 or not 0.0 <= a <= 1.0:
+            continue
+        total += n
+        loss += l * n
+        accuracy += a * n
+    if total == 0:
+        return None
+    return MetricRecord({"loss": loss / total, "accuracy": accuracy / total, "num-examples": int(total)})
+
+
+def weighted_mean_arrays(messages: Sequence[Message], layout: ParameterLayout) -> ArrayRecord:
+    """Plaintext FedAvg of full weight vectors, weighted by each reply's num-examples."""
+    total = 0.0
+    acc = [np.zeros(s, dtype=np.float64) for s in layout.shapes]
+    for message in messages:
+        weight = float(message.content[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
+        record = message.content[ARRAYS]
+        for i, name in enumerate(layout.names):
+            acc[i] += weight * record[name].numpy().astype(np.float64)  # type: ignore[union-attr]
+        total += weight
+    return ArrayRecord({n: Array((a / total).astype(np.float32)) for n, a in zip(layout.names, acc)})

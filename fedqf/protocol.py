@@ -1,0 +1,144 @@
+"""What travels in a round: the record keys and the encoding of encrypted vectors in Flower's records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedqf.crypto import EncryptedVector
+from fedqf.errors import UpdateRejectedError
+
+ARRAYS = "arrays"  # Flower strategies' default ArrayRecord key
+METRICS = "metrics"
+CONFIG = "config"
+REPORT = "fedqf.report"  # ConfigRecord in every institution reply: status, reason, key fingerprint
+FEDERATION_TOML = "fedqf.federation"  # the resolved federation file, sent with every instruction
+
+CKKS_STYPE = "tenseal.CKKSVector"
+CKKS_PREFIX = "ckks."
+WEIGHT_SUM = "fedqf.weight-sum"
+AGGREGATE_ROUND = "fedqf.round"
+VECTOR_LENGTH = "fedqf.length"
+NUM_EXAMPLES = "num-examples"
+
+# Metric keys of a train reply; every reply carries all of them, so Flower's consistency checks hold.
+TRAIN_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    "weight",
+    "train-loss",
+    "epsilon",
+    "noise-multiplier",
+    "sample-rate",
+    "steps",
+    "train-seconds",
+    "encrypt-seconds",
+    "bytes-sent",
+)
+
+
+class ReplyStatus(str, Enum):
+    """How an institution's part in a round ended."""
+
+    OK = "ok"
+    BUDGET_EXHAUSTED = "budget-exhausted"
+    FAILED = "failed"
+    REJECTED = "rejected"  # set by the coordinator, never by an institution
+
+
+@dataclass(frozen=True)
+class InstitutionReport:
+    """One institution's reply to a train instruction, as the coordinator records it."""
+
+    node_id: int
+    status: ReplyStatus
+    reason: str
+    metrics: dict[str, float]
+
+    def rejected(self, reason: str) -> InstitutionReport:
+        return InstitutionReport(self.node_id, ReplyStatus.REJECTED, reason, self.metrics)
+
+
+def encrypted_to_record(vector: EncryptedVector, *, extra: dict[str, np.ndarray] | None = None) -> ArrayRecord:
+    """Pack an encrypted vector's chunks into an ArrayRecord (one Array of raw bytes per chunk)."""
+    record = ArrayRecord()
+    for i, chunk in enumerate(vector.chunks):
+        record[f"{CKKS_PREFIX}{i:06d}"] = Array(dtype="bytes", shape=(len(chunk),), stype=CKKS_STYPE, data=chunk)
+    record[VECTOR_LENGTH] = Array(np.array([vector.length], dtype=np.int64))
+    record["fedqf.fingerprint"] = Array(np.frombuffer(vector.fingerprint.encode("ascii"), dtype=np.uint8).copy())
+    for key, value in (extra or {}).items():
+        record[key] = Array(np.asarray(value))
+    return record
+
+
+def is_encrypted(record: ArrayRecord) -> bool:
+    return any(key.startswith(CKKS_PREFIX) for key in record.keys())
+
+
+def _scalar(record: ArrayRecord, key: str, *, dtype: type) -> float:
+    if key not in record:
+        raise UpdateRejectedError(f"encrypted record lacks '{key}'")
+    array = record[key]
+    if array.stype != "numpy.ndarray":
+        raise UpdateRejectedError(f"'{key}' must be a numpy array, got stype {array.stype!r}")
+    try:
+        value = array.numpy()
+    except Exception as exc:
+        raise UpdateRejectedError(f"'{key}' does not decode as a numpy array ({exc})") from exc
+    if value.shape != (1,) or not np.issubdtype(value.dtype, dtype):
+        raise UpdateRejectedError(f"'{key}' must hold one {dtype.__name__} value, got {value.dtype}{value.shape}")
+    result = float(value[0])
+    if not np.isfinite(result):
+        raise UpdateRejectedError(f"'{key}' must be finite, got {result}")
+    return result
+
+
+def record_to_encrypted(record: ArrayRecord) -> EncryptedVector:
+    """Unpack an encrypted vector; a record that is not one raises UpdateRejectedError (never another error)."""
+    chunk_keys = sorted(k for k in record.keys() if k.startswith(CKKS_PREFIX))
+    if not chunk_keys:
+        raise UpdateRejectedError("the update holds no CKKS ciphertext")
+    if chunk_keys != [f"{CKKS_PREFIX}{i:06d}" for i in range(len(chunk_keys))]:
+        raise UpdateRejectedError("ciphertext chunks are not numbered 0..n-1")
+    chunks = []
+    for key in chunk_keys:
+        array = record[key]
+        if array.stype != CKKS_STYPE or not isinstance(array.data, bytes):
+            raise UpdateRejectedError(f"chunk '{key}' is not a CKKS ciphertext (stype {array.stype!r})")
+        chunks.append(array.data)
+    length = _scalar(record, VECTOR_LENGTH, dtype=np.integer)
+    if "fedqf.fingerprint" not in record:
+        raise UpdateRejectedError("the update carries no key fingerprint")
+    try:
+        fingerprint = record["fedqf.fingerprint"].numpy().tobytes().decode("ascii")
+    except Exception as exc:
+        raise UpdateRejectedError(f"the key fingerprint does not decode ({exc})") from exc
+    return EncryptedVector(chunks=tuple(chunks), length=int(length), fingerprint=fingerprint)
+
+
+def aggregate_meta(record: ArrayRecord) -> tuple[int, float]:
+    """(round, sum of weights) of an encrypted aggregate sent to institutions."""
+    return int(_scalar(record, AGGREGATE_ROUND, dtype=np.integer)), _scalar(record, WEIGHT_SUM, dtype=np.floating)
+
+
+def report_from_reply(message: Message) -> InstitutionReport:
+    """Read an institution's reply into a report; a malformed reply becomes a FAILED or REJECTED report."""
+    node = int(message.metadata.src_node_id)
+    if message.has_error():
+        return InstitutionReport(node, ReplyStatus.FAILED, f"error reply: {message.error.reason}", {})
+    content = message.content
+    report = content.get(REPORT)
+    metrics = content.get(METRICS)
+    if not isinstance(report, ConfigRecord) or not isinstance(metrics, MetricRecord):
+        return InstitutionReport(node, ReplyStatus.REJECTED, "reply lacks the fedqf report or metrics", {})
+    try:
+        status = ReplyStatus(str(report.get("status", "")))
+    except ValueError:
+        return InstitutionReport(node, ReplyStatus.REJECTED, f"unknown status {report.get('status')!r}", {})
+    values: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = float(value)
+    return InstitutionReport(node, status, str(report.get("reason", "")), values)

@@ -1,0 +1,223 @@
+"""The fedqf ServerApp: the coordinator's side of a federation (rounds, aggregation, the run directory)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedqf.aggregation import AggregationSetup
+from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
+from fedqf.crypto import CkksParameters, key_fingerprint, load_public_context
+from fedqf.data import Dataset, simulate_federation_data
+from fedqf.errors import FederationError, FedqfError
+from fedqf.model import ParameterLayout, build_model, set_arrays
+from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, REPORT, InstitutionReport, ReplyStatus
+from fedqf.registry import load_strategy_class
+from fedqf.rundir import RunRecorder
+from fedqf.trainer import evaluate
+
+
+@dataclass(frozen=True)
+class CoordinatorInputs:
+    """Everything the ServerApp is started with (from the run config)."""
+
+    config: FederationConfig
+    out_dir: Path
+    public_context: ts.Context | None
+    test_data: Dataset | None
+    num_features: int
+    num_classes: int
+
+
+class ProgressRecorder(RunRecorder):
+    """A RunRecorder that also logs one progress line per round."""
+
+    def record_train(self, server_round: int, reports: Any) -> None:
+        super().record_train(server_round, reports)
+        done = sum(1 for r in reports if r.status is ReplyStatus.OK)
+        eps = [r.metrics["epsilon"] for r in reports if "epsilon" in r.metrics]
+        eps_text = f", epsilon spent up to {max(eps):.3f}" if eps else ""
+        log(INFO, "fedqf: round %d: %d/%d institutions trained%s", server_round, done, len(reports), eps_text)
+
+
+def _inputs_from(context: Context) -> CoordinatorInputs:
+    run_config = context.run_config
+    config = load_config(Path(str(run_config["fedqf-config"])))
+    out_dir = Path(str(run_config["fedqf-out"]))
+    public: ts.Context | None = None
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        path = Path(str(run_config["fedqf-public-context"]))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FedqfError(f"{path}: cannot read the CKKS public context ({exc.strerror})") from exc
+        public = load_public_context(data)  # refuses a context holding a secret key
+    base_dir = str(run_config.get("fedqf-base-dir", ""))
+    shares = simulate_federation_data(
+        config.data,
+        institutions=config.federation.institutions,
+        seed=config.federation.seed,
+        base_dir=Path(base_dir) if base_dir else None,
+    )
+    return CoordinatorInputs(config, out_dir, public, shares.test, shares.num_features, shares.num_classes)
+
+
+def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, timeout: float) -> ArrayRecord:
+    """Ask the institutions, one at a time, to release the final global model in plaintext."""
+    for node_id in sorted(grid.get_node_ids()):
+        message = Message(
+            RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({FEDERATION_TOML: config_text, "fedqf.release": True})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node_id,
+        )
+        for reply in grid.send_and_receive([message], timeout=timeout):
+            if reply.has_error():
+                log(WARNING, "institution %d could not release the model: %s", node_id, reply.error.reason)
+                continue
+            record = reply.content.get(ARRAYS)
+            if isinstance(record, ArrayRecord):
+                return record
+    raise FederationError("no institution released the final global model")
+
+
+def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
+    """Run all rounds with the configured strategy and write the run directory; returns the summary."""
+    config = inputs.config
+    started = time.perf_counter()
+    recorder = ProgressRecorder(inputs.out_dir)
+    model = build_model(
+        config.model,
+        num_features=inputs.num_features,
+        num_classes=inputs.num_classes,
+        generator=torch.Generator().manual_seed(config.federation.seed),
+    )
+    layout = ParameterLayout.of(model)
+    secure = config.secure_aggregation.mode
+    fingerprint = key_fingerprint(inputs.public_context) if inputs.public_context is not None else ""
+    setup = AggregationSetup(
+        mode=secure, layout=layout, public_context=inputs.public_context, fingerprint=fingerprint, observer=recorder
+    )
+    strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
+    config_text = dump_config(config)
+    initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",
+        config.federation.name, config.federation.institutions, config.federation.rounds, config.strategy.name,
+        secure.value, config.privacy.mode.value)
+    if inputs.public_context is not None:
+        log(INFO, "fedqf: CKKS public key fingerprint %s", fingerprint)
+
+    round_started = [time.perf_counter()]
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Called by Flower after each round: plaintext global weights can be scored on the test split here;
+        # under CKKS the coordinator holds only ciphertexts, so the test split waits for the final release.
+        if server_round == 0:
+            round_started[0] = time.perf_counter()
+            return None
+        row: dict[str, Any] = {"round": server_round, "round_seconds": time.perf_counter() - round_started[0]}
+        round_started[0] = time.perf_counter()
+        if secure is SecureAggregationMode.NONE and inputs.test_data is not None and len(inputs.test_data):
+            set_arrays(model, [arrays[n].numpy() for n in layout.names])
+            test = evaluate(model, inputs.test_data)
+            row.update(test_accuracy=test.accuracy, test_loss=test.loss)
+        pending_rows.append(row)
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    pending_rows: list[dict[str, Any]] = []
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=config.federation.rounds,
+        timeout=config.federation.round_timeout,
+        train_config=ConfigRecord({FEDERATION_TOML: config_text}),
+        evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
+        evaluate_fn=evaluate_fn,
+    )
+    for row in pending_rows:
+        r = row["round"]
+        fed = result.evaluate_metrics_clientapp.get(r)
+        trained = sum(1 for x in recorder.institutions if x["round"] == r and x["status"] == ReplyStatus.OK.value)
+        row.update(
+            accuracy=fed.get("accuracy") if fed is not None else None,
+            loss=fed.get("loss") if fed is not None else None,
+            institutions_trained=trained,
+        )
+        recorder.record_round(row)
+    rounds_completed = sum(1 for row in pending_rows if row["institutions_trained"] > 0)
+
+    final_arrays = result.arrays
+    if secure is SecureAggregationMode.CKKS:
+        final_arrays = _release_final_model(grid, result.arrays, config_text, config.federation.round_timeout)
+    names = list(layout.names)
+    weights = [final_arrays[n].numpy() for n in names]
+    set_arrays(model, weights)
+    final_accuracy: float | None = None
+    final_loss: float | None = None
+    if inputs.test_data is not None and len(inputs.test_data):
+        test = evaluate(model, inputs.test_data)
+        final_accuracy, final_loss = test.accuracy, test.loss
+    elif recorder.history:
+        final_accuracy, final_loss = recorder.history[-1].get("accuracy"), recorder.history[-1].get("loss")
+    recorder.write_model(names, weights)
+    summary: dict[str, Any] = {
+        "federation": config.federation.name,
+        "rounds_planned": config.federation.rounds,
+        "rounds_completed": rounds_completed,
+        "final_accuracy": final_accuracy,
+        "final_loss": final_loss,
+        "final_accuracy_source": "held-out test split" if inputs.test_data is not None and len(inputs.test_data)
+        else "federated validation",
+        "secure_aggregation": secure.value,
+        "epsilon": recorder.max_epsilon() if config.privacy.mode is PrivacyMode.DP_SGD else None,
+        "delta": config.privacy.delta if config.privacy.mode is PrivacyMode.DP_SGD else None,
+        "target_epsilon": config.privacy.target_epsilon if config.privacy.mode is PrivacyMode.DP_SGD else None,
+        "strategy": config.strategy.name,
+        "institutions": config.federation.institutions,
+        "model_parameters": layout.size,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if secure is SecureAggregationMode.CKKS:
+        sa = config.secure_aggregation
+        params = CkksParameters(
+            poly_modulus_degree=sa.poly_modulus_degree,
+            coeff_mod_bit_sizes=sa.coeff_mod_bit_sizes,
+            global_scale_bits=sa.scale_bits,
+        )
+        summary["ckks"] = {
+            "poly_modulus_degree": params.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes),
+            "scale_bits": params.global_scale_bits,
+            "security_bits": params.security_bits,
+            "key_fingerprint": fingerprint,
+        }
+    refused = [r for r in recorder.institutions if r["status"] != ReplyStatus.OK.value]
+    summary["refused_updates"] = len(refused)
+    recorder.write_summary(summary)
+    log(INFO, "fedqf: run directory written to %s", inputs.out_dir)
+    return summary
+
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    try:
+        run_federation(grid, _inputs_from(context))
+    except FedqfError as exc:
+        log(WARNING, "fedqf: federation failed: %s", exc)
+        raise
+
+
+def _unused(_: InstitutionReport, __: np.ndarray) -> None:  # pragma: no cover
+    return None

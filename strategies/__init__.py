@@ -1,0 +1,8 @@
+"""Aggregation strategies for fedqf, built on Flower's `flwr.serverapp.strategy` and fedqf's public API."""
+
+from __future__ import annotations
+
+from strategies.fedavg import FedAvg, FedProx
+from strategies.robust import FedMedian, FedTrimmedAvg, Krum
+
+__all__ = ["FedAvg", "FedProx", "FedMedian", "FedTrimmedAvg", "Krum"]

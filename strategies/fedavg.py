@@ -1,0 +1,78 @@
+"""FedAvg and FedProx, in plaintext and under CKKS secure aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedqf.aggregation import (
+    AggregationSetup,
+    aggregate_evaluate_replies,
+    aggregate_train_replies,
+    weighted_mean_arrays,
+)
+from fedqf.config import FederationConfig, SecureAggregationMode
+
+
+class FedAvg(FlowerFedAvg):
+    """Federated Averaging (McMahan et al., 2017): w_{t+1} = sum_k n_k w_k / sum_k n_k.
+
+    Under CKKS the coordinator adds the institutions' encrypted weighted deltas, sum_k a_k d_k, and sends the
+    encrypted sum with sum_k a_k back; each institution decrypts and applies w_t + sum_k a_k d_k / sum_k a_k.
+    Plaintext: the usual weighted mean of the returned weights.
+    """
+
+    needs_individual_updates: ClassVar[bool] = False
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_institutions,
+            min_evaluate_nodes=min_institutions,
+            min_available_nodes=min_institutions,
+        )
+        self.setup = setup
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedAvg:
+        return cls(setup=setup, min_institutions=config.federation.required_institutions)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        outcome = aggregate_train_replies(server_round, replies, self.setup)
+        if not outcome.accepted or self.setup.mode is SecureAggregationMode.CKKS:
+            return outcome.arrays, outcome.metrics
+        return weighted_mean_arrays(outcome.accepted, self.setup.layout), outcome.metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return aggregate_evaluate_replies(server_round, replies)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al., 2020): FedAvg whose institutions add (mu/2)||w - w_t||^2 to their local objective."""
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int, proximal_mu: float) -> None:
+        super().__init__(setup=setup, min_institutions=min_institutions)
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        self.proximal_mu = proximal_mu
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedProx:
+        return cls(
+            setup=setup,
+            min_institutions=config.federation.required_institutions,
+            proximal_mu=config.strategy.proximal_mu,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)

@@ -1,0 +1,103 @@
+"""Byzantine-robust rules (median, trimmed mean, Krum): plaintext only, since each needs every single update."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
+from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
+from flwr.serverapp.strategy import Krum as FlowerKrum
+
+from fedqf.aggregation import AggregationSetup, aggregate_evaluate_replies, aggregate_train_replies
+from fedqf.config import FederationConfig, SecureAggregationMode
+from fedqf.errors import ConfigError
+
+
+def _plain_only(name: str, setup: AggregationSetup) -> None:
+    if setup.mode is SecureAggregationMode.CKKS:
+        raise ConfigError(f"strategy '{name}' must see each update and cannot run under CKKS")
+
+
+def _aggregate(
+    strategy: FlowerFedMedian | FlowerFedTrimmedAvg | FlowerKrum,
+    setup: AggregationSetup,
+    server_round: int,
+    replies: Iterable[Message],
+    parent: type,
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    outcome = aggregate_train_replies(server_round, replies, setup)
+    if not outcome.accepted:
+        return None, None
+    # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
+    arrays, _ = parent.aggregate_train(strategy, server_round, list(outcome.accepted))
+    return arrays, outcome.metrics
+
+
+class FedMedian(FlowerFedMedian):
+    """Coordinate-wise median of the institutions' weights (Yin et al., 2018)."""
+
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
+        _plain_only("fedmedian", setup)
+        super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
+                         min_available_nodes=min_institutions)
+        self.setup = setup
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedMedian:
+        return cls(setup=setup, min_institutions=config.federation.required_institutions)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return _aggregate(self, self.setup, server_round, replies, FlowerFedMedian)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return aggregate_evaluate_replies(server_round, replies)
+
+
+class FedTrimmedAvg(FlowerFedTrimmedAvg):
+    """Coordinate-wise trimmed mean, dropping the `beta` fraction at each end (Yin et al., 2018)."""
+
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int, beta: float) -> None:
+        _plain_only("fedtrimmedavg", setup)
+        super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
+                         min_available_nodes=min_institutions, beta=beta)
+        self.setup = setup
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedTrimmedAvg:
+        return cls(setup=setup, min_institutions=config.federation.required_institutions,
+                   beta=config.strategy.trim_fraction)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return _aggregate(self, self.setup, server_round, replies, FlowerFedTrimmedAvg)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return aggregate_evaluate_replies(server_round, replies)
+
+
+class Krum(FlowerKrum):
+    """Krum (Blanchard et al., 2017): the update closest to its n - f - 2 nearest neighbours."""
+
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int, num_malicious_nodes: int) -> None:
+        _plain_only("krum", setup)
+        super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
+                         min_available_nodes=min_institutions, num_malicious_nodes=num_malicious_nodes)
+        self.setup = setup
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> Krum:
+        return cls(setup=setup, min_institutions=config.federation.required_institutions,
+                   num_malicious_nodes=config.strategy.krum_byzantine)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return _aggregate(self, self.setup, server_round, replies, FlowerKrum)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return aggregate_evaluate_replies(server_round, replies)

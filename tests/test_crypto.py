@@ -1,0 +1,425 @@
+"""Tests of fedqf.crypto: known answers, invariants of the encrypted sum, and a property test against numpy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tenseal as ts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedqf.crypto import (
+    CkksParameters,
+    EncryptedSum,
+    EncryptedVector,
+    SecureAggregation,
+    aggregation_tolerance,
+    check_sum_range,
+    decrypt,
+    encrypt,
+    fresh_noise_bound,
+    generate_context,
+    key_fingerprint,
+    load_private_context,
+    load_public_context,
+    serialize_private_context,
+    serialize_public_context,
+)
+from fedqf.errors import CryptoError, FederationError, UpdateRejectedError
+
+PARAMS = CkksParameters()
+# A smaller ring (2048 slots per chunk), to exercise chunking with few values; 109 bits, the 128-bit limit.
+SMALL = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=40)
+
+
+class Federation:
+    """One key pair seen from both sides: the institutions' private context, the coordinator's public one."""
+
+    def __init__(self, params: CkksParameters) -> None:
+        self.params = params
+        self.private = generate_context(params)
+        self.public = load_public_context(serialize_public_context(self.private))
+        self.fingerprint = key_fingerprint(self.private)
+
+    def new_sum(self, length: int) -> EncryptedSum:
+        return EncryptedSum(self.public, length=length, fingerprint=self.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def fed() -> Iterator[Federation]:
+    yield Federation(PARAMS)
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[Federation]:
+    yield Federation(SMALL)
+
+
+def weighted_terms(rng: np.random.Generator, *, count: int, length: int, clip: float) -> list[np.ndarray]:
+    weights = rng.integers(1, 500, size=count)
+    return [float(a) * rng.uniform(-clip, clip, size=length) for a in weights]
+
+
+def encrypted_sum(fed: Federation, terms: list[np.ndarray], bound: float) -> np.ndarray:
+    total = fed.new_sum(terms[0].size)
+    for term in terms:
+        total.add(encrypt(fed.private, term, bound=bound))
+    return decrypt(fed.private, total.result())
+
+
+# --- parameters -----------------------------------------------------------------------------------------------------
+
+
+def test_default_parameters_known_answers() -> None:
+    assert PARAMS.slots == 4096
+    assert PARAMS.security_bits == 128
+    # 60-bit first prime, scale 2^40: 2^(60 - 2 - 1 - 40).
+    assert PARAMS.max_abs_value == 131072.0
+    assert SecureAggregation("ckks") is SecureAggregation.CKKS
+    assert SecureAggregation.NONE.value == "none"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"poly_modulus_degree": 2048},
+        {"poly_modulus_degree": 8191},
+        {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (60, 60)},  # 120 > 109 bits
+        {"coeff_mod_bit_sizes": (60, 60, 60, 40)},  # 220 > 218 bits
+        {"coeff_mod_bit_sizes": (60,)},
+        {"coeff_mod_bit_sizes": (61, 60)},
+        {"coeff_mod_bit_sizes": [60, 60]},
+        {"global_scale_bits": 60},
+        {"global_scale_bits": 0},
+    ],
+)
+def test_invalid_parameters_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(CryptoError):
+        CkksParameters(**kwargs)  # type: ignore[arg-type]
+
+
+def test_parameters_read_back_from_context(fed: Federation, small: Federation) -> None:
+    assert CkksParameters.from_context(fed.public) == PARAMS
+    assert CkksParameters.from_context(small.private) == SMALL
+    three = CkksParameters(coeff_mod_bit_sizes=(60, 40, 60))
+    assert CkksParameters.from_context(generate_context(three)) == three
+
+
+# --- contexts and fingerprints --------------------------------------------------------------------------------------
+
+
+def test_generated_context_has_no_rotation_or_relin_keys_and_decrypts(fed: Federation) -> None:
+    assert fed.private.is_private()
+    assert not fed.private.has_galois_keys()
+    assert not fed.private.has_relin_keys()
+    values = np.linspace(-1.0, 1.0, 33)
+    out = decrypt(fed.private, encrypt(fed.private, values, bound=1.0))
+    assert np.max(np.abs(out - values)) <= aggregation_tolerance(PARAMS, num_terms=1, max_abs=1.0)
+
+
+def test_fingerprint_same_for_private_and_public_context(fed: Federation) -> None:
+    assert key_fingerprint(fed.private) == key_fingerprint(fed.public) == fed.fingerprint
+    reloaded = load_private_context(serialize_private_context(fed.private))
+    assert key_fingerprint(reloaded) == fed.fingerprint
+    assert len(fed.fingerprint) == 64
+
+
+def test_fingerprint_differs_between_keys(fed: Federation) -> None:
+    assert key_fingerprint(generate_context(PARAMS)) != fed.fingerprint
+
+
+def test_public_serialization_has_no_secret_key(fed: Federation) -> None:
+    assert not ts.context_from(serialize_public_context(fed.private)).is_private()
+
+
+def test_load_public_context_refuses_secret_key(fed: Federation) -> None:
+    with pytest.raises(CryptoError, match="must not hold a secret key"):
+        load_public_context(serialize_private_context(fed.private))
+
+
+def test_load_private_context_refuses_public(fed: Federation) -> None:
+    with pytest.raises(CryptoError, match="no secret key"):
+        load_private_context(serialize_public_context(fed.private))
+    with pytest.raises(CryptoError):
+        serialize_private_context(fed.public)
+
+
+@pytest.mark.parametrize("data", [b"", b"not a context", b"\x00" * 100])
+def test_load_refuses_garbage(data: bytes) -> None:
+    with pytest.raises(CryptoError) as info:
+        load_public_context(data)
+    assert info.value.__cause__ is not None
+    with pytest.raises(CryptoError):
+        load_private_context(data)
+
+
+def test_encrypted_sum_refuses_private_context(fed: Federation) -> None:
+    with pytest.raises(CryptoError, match="secret key"):
+        EncryptedSum(fed.private, length=10, fingerprint=fed.fingerprint)
+
+
+def test_encrypted_sum_refuses_context_of_other_key(fed: Federation, small: Federation) -> None:
+    with pytest.raises(CryptoError, match="fingerprint"):
+        EncryptedSum(small.public, length=10, fingerprint=fed.fingerprint)
+
+
+def test_public_context_cannot_decrypt(fed: Federation) -> None:
+    enc = encrypt(fed.public, np.ones(5), bound=1.0)  # the public key encrypts
+    with pytest.raises(CryptoError, match="private context"):
+        decrypt(fed.public, enc)
+
+
+def test_decrypt_refuses_other_key(fed: Federation, small: Federation) -> None:
+    with pytest.raises(CryptoError, match="encrypted under key"):
+        decrypt(small.private, encrypt(fed.private, np.ones(5), bound=1.0))
+
+
+# --- encryption input checks ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array([0.5, np.nan]), np.array([np.inf]), np.array([0.5, -1.5]), np.ones((2, 2)), np.array([])],
+)
+def test_encrypt_refuses_bad_values(fed: Federation, values: np.ndarray) -> None:
+    with pytest.raises(CryptoError):
+        encrypt(fed.private, values, bound=1.0)
+
+
+def test_encrypt_error_does_not_reveal_values(fed: Federation) -> None:
+    with pytest.raises(CryptoError) as info:
+        encrypt(fed.private, np.array([0.25, 1.2345678]), bound=1.0)
+    assert "1.23" not in str(info.value)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, math.inf, math.nan, PARAMS.max_abs_value * 2])
+def test_encrypt_refuses_bad_bound(fed: Federation, bound: float) -> None:
+    with pytest.raises(CryptoError):
+        encrypt(fed.private, np.zeros(3), bound=bound)
+
+
+def test_chunking(small: Federation) -> None:
+    values = np.random.default_rng(1).uniform(-1.0, 1.0, size=2 * SMALL.slots + 7)
+    enc = encrypt(small.private, values, bound=1.0)
+    assert len(enc.chunks) == 3
+    assert enc.length == values.size
+    assert enc.nbytes == sum(len(c) for c in enc.chunks)
+    out = decrypt(small.private, enc)
+    assert out.dtype == np.float64 and out.shape == values.shape
+    assert np.max(np.abs(out - values)) <= aggregation_tolerance(SMALL, num_terms=1, max_abs=1.0)
+
+
+# --- the encrypted sum ----------------------------------------------------------------------------------------------
+
+
+def test_weighted_sum_known_answer(small: Federation) -> None:
+    rng = np.random.default_rng(7)
+    clip = 1.0
+    length = SMALL.slots + 100  # two chunks
+    terms = weighted_terms(rng, count=4, length=length, clip=clip)
+    expected = np.sum(terms, axis=0)
+    out = encrypted_sum(small, terms, bound=500.0 * clip)
+    max_abs = max(float(np.max(np.abs(t))) for t in terms)
+    tol = aggregation_tolerance(SMALL, num_terms=4, max_abs=max_abs)
+    error = float(np.max(np.abs(out - expected)))
+    assert error <= tol
+    # The tolerance is derived, not padded: it must not be absurdly loose either.
+    assert tol <= 1e6 * max(error, 1e-300)
+
+
+def test_tolerance_tight_and_sound_at_default_parameters(fed: Federation) -> None:
+    rng = np.random.default_rng(3)
+    terms = [rng.uniform(-1.0, 1.0, size=PARAMS.slots) for _ in range(3)]
+    error = float(np.max(np.abs(encrypted_sum(fed, terms, bound=1.0) - np.sum(terms, axis=0))))
+    tol = aggregation_tolerance(PARAMS, num_terms=3, max_abs=1.0)
+    assert 0.0 < error <= tol <= 1e6 * error
+
+
+def test_largest_allowed_sum_decodes(fed: Federation) -> None:
+    weight, clip = 4096.0, 10.0
+    institutions = int(PARAMS.max_abs_value // (weight * clip))  # the most check_sum_range allows
+    assert institutions == 3
+    check_sum_range(PARAMS, institutions=institutions, weight=weight, bound=clip)
+    with pytest.raises(CryptoError, match="institutions"):
+        check_sum_range(PARAMS, institutions=institutions + 1, weight=weight, bound=clip)
+    bound = weight * clip
+    # Every term at the bound, same sign per coordinate: the sum reaches +-institutions * weight * clip.
+    signs = np.where(np.arange(64) % 2 == 0, 1.0, -1.0)
+    terms = [bound * signs for _ in range(institutions)]
+    out = encrypted_sum(fed, terms, bound=bound)
+    expected = institutions * bound * signs
+    assert np.max(np.abs(out - expected)) <= aggregation_tolerance(PARAMS, num_terms=institutions, max_abs=bound)
+
+
+def test_overflow_is_real_beyond_q0() -> None:
+    # Why check_sum_range exists: a sum beyond q_0 / (2 Delta) wraps around. With a 30-bit first prime and scale
+    # 2^20, q_0 / (2 Delta) is at most 2^9 = 512; eight terms of 100 (each within max_abs_value = 128) sum to 800
+    # and decode to garbage.
+    params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(30, 40), global_scale_bits=20)
+    assert params.max_abs_value == 128.0
+    fed = Federation(params)
+    terms = [np.full(8, 100.0) for _ in range(8)]
+    with pytest.raises(CryptoError):
+        check_sum_range(params, institutions=8, weight=100.0, bound=1.0)
+    out = encrypted_sum(fed, terms, bound=params.max_abs_value)
+    assert np.max(np.abs(out - 800.0)) > 100.0
+
+
+def test_check_sum_range_message_names_the_numbers() -> None:
+    with pytest.raises(CryptoError) as info:
+        check_sum_range(PARAMS, institutions=10, weight=1000.0, bound=20.0)
+    message = str(info.value)
+    for text in ("10 institutions", "weight 1000", "bound 20", "200000", "131072", "expected"):
+        assert text in message
+
+
+@pytest.mark.parametrize(
+    ("institutions", "weight", "bound"), [(0, 1.0, 1.0), (1, 0.0, 1.0), (1, 1.0, math.nan), (1, math.inf, 1.0)]
+)
+def test_check_sum_range_refuses_bad_arguments(institutions: int, weight: float, bound: float) -> None:
+    with pytest.raises(CryptoError):
+        check_sum_range(PARAMS, institutions=institutions, weight=weight, bound=bound)
+
+
+def test_aggregation_tolerance_refuses_sum_out_of_range() -> None:
+    with pytest.raises(CryptoError):
+        aggregation_tolerance(PARAMS, num_terms=2, max_abs=PARAMS.max_abs_value)
+    with pytest.raises(CryptoError):
+        aggregation_tolerance(PARAMS, num_terms=0, max_abs=1.0)
+
+
+def test_fresh_noise_bound_known_answer() -> None:
+    # sqrt(4/3)*8*sqrt(2)*3.2*8192 + 6*3.2*sqrt(8192) + 16*3.2*8192 + 8192/2
+    assert fresh_noise_bound(PARAMS) == pytest.approx(342_463.49 + 1_737.79 + 419_430.4 + 4_096.0, rel=1e-6)
+
+
+def test_result_before_any_update_fails(fed: Federation) -> None:
+    with pytest.raises(FederationError):
+        fed.new_sum(4).result()
+
+
+# --- rejected updates leave the sum unchanged ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_chunk(small: Federation) -> tuple[EncryptedSum, np.ndarray, EncryptedVector]:
+    """A sum over one accepted update of two chunks, its plaintext and a second valid update."""
+    rng = np.random.default_rng(11)
+    length = SMALL.slots + 10
+    first = rng.uniform(-1.0, 1.0, size=length)
+    total = small.new_sum(length)
+    total.add(encrypt(small.private, first, bound=1.0))
+    second = encrypt(small.private, rng.uniform(-1.0, 1.0, size=length), bound=1.0)
+    return total, first, second
+
+
+def _rejected(total: EncryptedSum, update: object, small: Federation, match: str) -> None:
+    before = decrypt(small.private, total.result())
+    count = total.count
+    with pytest.raises(UpdateRejectedError, match=match):
+        total.add(update)  # type: ignore[arg-type]
+    assert total.count == count
+    assert np.array_equal(decrypt(small.private, total.result()), before)
+
+
+def test_rejects_wrong_fingerprint(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, _, second = two_chunk
+    forged = EncryptedVector(chunks=second.chunks, length=second.length, fingerprint="0" * 64)
+    _rejected(total, forged, small, "encrypted under key")
+
+
+def test_rejects_wrong_chunk_count(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, _, second = two_chunk
+    short = EncryptedVector(chunks=second.chunks[:1], length=second.length, fingerprint=second.fingerprint)
+    _rejected(total, short, small, "chunks")
+
+
+def test_rejects_wrong_length(small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]) -> None:
+    total, _, second = two_chunk
+    longer = EncryptedVector(chunks=second.chunks, length=second.length + 1, fingerprint=second.fingerprint)
+    _rejected(total, longer, small, "values")
+
+
+def test_rejects_garbage_after_a_valid_chunk(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, _, second = two_chunk
+    # The first chunk is valid: it must not be added when the second fails.
+    garbage = EncryptedVector(
+        chunks=(second.chunks[0], b"garbage" * 50), length=second.length, fingerprint=second.fingerprint
+    )
+    _rejected(total, garbage, small, "does not deserialize")
+
+
+def test_rejects_ciphertext_of_other_parameters(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, _, second = two_chunk
+    other = Federation(CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 40), global_scale_bits=30))
+    alien = encrypt(other.private, np.zeros(10), bound=1.0).chunks[0]
+    forged = EncryptedVector(chunks=(second.chunks[0], alien), length=second.length, fingerprint=second.fingerprint)
+    _rejected(total, forged, small, "chunk 1")
+
+
+def test_rejects_chunk_with_wrong_number_of_values(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, _, second = two_chunk
+    shorter = encrypt(small.private, np.zeros(5), bound=1.0).chunks[0]
+    forged = EncryptedVector(chunks=(second.chunks[0], shorter), length=second.length, fingerprint=second.fingerprint)
+    _rejected(total, forged, small, "holds 5 values")
+
+
+def test_rejects_non_vector(small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]) -> None:
+    total, _, _ = two_chunk
+    _rejected(total, b"bytes", small, "EncryptedVector")
+
+
+def test_malformed_encrypted_vector_fields() -> None:
+    with pytest.raises(UpdateRejectedError):
+        EncryptedVector(chunks=[b"x"], length=1, fingerprint="0" * 64)  # type: ignore[arg-type]
+    with pytest.raises(UpdateRejectedError):
+        EncryptedVector(chunks=(b"x",), length=-1, fingerprint="0" * 64)
+    with pytest.raises(UpdateRejectedError):
+        EncryptedVector(chunks=(b"x",), length=1, fingerprint="not hex")
+
+
+def test_valid_update_after_rejections_still_sums(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    total, first, second = two_chunk
+    count = total.count
+    total.add(second)
+    assert total.count == count + 1
+    expected = first + decrypt(small.private, second)
+    out = decrypt(small.private, total.result())
+    assert np.max(np.abs(out - expected)) <= aggregation_tolerance(SMALL, num_terms=2, max_abs=1.0)
+
+
+# --- property test --------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    length=st.integers(min_value=1, max_value=300),
+    weights=st.lists(st.integers(min_value=1, max_value=10_000), min_size=1, max_size=5),
+    clip=st.floats(min_value=1e-3, max_value=2.0),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_decrypted_sum_matches_numpy(
+    small: Federation, length: int, weights: list[int], clip: float, seed: int
+) -> None:
+    check_sum_range(SMALL, institutions=len(weights), weight=float(max(weights)), bound=clip)
+    rng = np.random.default_rng(seed)
+    terms = [float(a) * rng.uniform(-clip, clip, size=length) for a in weights]
+    bound = float(max(weights)) * clip
+    out = encrypted_sum(small, terms, bound=bound)
+    tol = aggregation_tolerance(SMALL, num_terms=len(terms), max_abs=bound)
+    assert np.max(np.abs(out - np.sum(terms, axis=0))) <= tol
