@@ -19,7 +19,7 @@ from flwr.common.logger import log
 
 from fedqf.config import SecureAggregationMode
 from fedqf.crypto import EncryptedSum
-from fedqf.errors import FedqfError, UpdateRejectedError
+from fedqf.errors import FederationError, FedqfError, UpdateRejectedError
 from fedqf.model import ParameterLayout
 from fedqf.protocol import (
     AGGREGATE_ROUND,
@@ -36,9 +36,13 @@ from fedqf.protocol import (
 
 
 class RoundObserver(Protocol):
-    """Receives every institution's report of a training round, accepted or not."""
+    """Receives every institution's report of a round (accepted or not) and what the round produced."""
 
     def record_train(self, server_round: int, reports: Sequence[InstitutionReport]) -> None: ...
+
+    def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None: ...
+
+    def record_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class AggregationSetup:
 
     mode: SecureAggregationMode
     layout: ParameterLayout
+    min_institutions: int = 1
     public_context: ts.Context | None = None
     fingerprint: str = ""
     observer: RoundObserver | None = None
@@ -145,7 +150,7 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
             except FedqfError as exc:
                 report = report.rejected(str(exc))
         if report.status is not ReplyStatus.OK:
-            log(WARNING, "round %d: institution %d %s: %s", server_round, report.node_id, report.status.value, report.reason)
+            log(WARNING, "round %d: institution %s %s: %s", server_round, report.label, report.status.value, report.reason)
         reports.append(report)
     if setup.observer is not None:
         setup.observer.record_train(server_round, reports)
@@ -164,6 +169,21 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
             },
         )
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
+
+
+def finish_train(setup: AggregationSetup, server_round: int, outcome: TrainAggregate, arrays: ArrayRecord | None) -> None:
+    """Record the round's aggregate, or end the federation cleanly when too few institutions trained.
+
+    Raises FederationError naming the round, how many trained and why the others did not.
+    """
+    if len(outcome.accepted) < setup.min_institutions or arrays is None:
+        others = "; ".join(f"{r.label}: {r.status.value} ({r.reason})" for r in outcome.reports if r.status is not ReplyStatus.OK)
+        raise FederationError(
+            f"round {server_round}: {len(outcome.accepted)} of {len(outcome.reports)} institutions trained, "
+            f"at least {setup.min_institutions} required" + (f"; {others}" if others else "")
+        )
+    if setup.observer is not None:
+        setup.observer.record_aggregate(server_round, arrays)
 
 
 def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -191,6 +211,12 @@ def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) ->
     if total == 0:
         return None
     return MetricRecord({"loss": loss / total, "accuracy": accuracy / total, "num-examples": int(total)})
+
+
+def record_evaluation(setup: AggregationSetup, server_round: int, metrics: MetricRecord | None) -> MetricRecord | None:
+    if setup.observer is not None:
+        setup.observer.record_evaluation(server_round, metrics)
+    return metrics
 
 
 def weighted_mean_arrays(messages: Sequence[Message], layout: ParameterLayout) -> ArrayRecord:

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedqf.errors import FedqfError
 
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +76,8 @@ def _print_table(out_dir: Path) -> None:
     )
     print(f"rounds completed: {summary['rounds_completed']}/{summary['rounds_planned']}; "
           f"wall time {summary['wall_seconds']:.1f} s")
+    if summary.get("stopped_reason"):
+        print(f"stopped early: {summary['stopped_reason']}")
     print(f"run directory: {out_dir}")
 
 
@@ -109,7 +112,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     run_simulation(config, out_dir=out_dir, base_dir=base_dir, on_line=relay, verbose=args.verbose)
     _print_table(out_dir)
-    return 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    # A run that ended early wrote a complete run directory, but scripts must be able to tell: exit 3.
+    return EXIT_INCOMPLETE if summary.get("stopped_reason") else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,10 @@ class Institution:
     index: int
     secret_context: ts.Context | None
 
+    @property
+    def name(self) -> str:
+        return f"institution-{self.index}"
+
 
 @functools.lru_cache(maxsize=4)
 def _parse_config(toml_text: str) -> FederationConfig:
@@ -158,13 +162,14 @@ def _clip_l2(vector: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.fl
     return vector * min(1.0, bound / norm) if norm > 0 else vector
 
 
-def _reply(message: Message, *, arrays: ArrayRecord, metrics: dict[str, float], status: ReplyStatus, reason: str = "",
-           fingerprint: str = "") -> Message:
+def _reply(message: Message, *, institution: str, arrays: ArrayRecord, metrics: dict[str, float],
+           status: ReplyStatus, reason: str = "", fingerprint: str = "") -> Message:
     content = RecordDict(
         {
             ARRAYS: arrays,
             METRICS: MetricRecord({k: metrics[k] for k in TRAIN_METRIC_KEYS if k in metrics}),
-            REPORT: ConfigRecord({"status": status.value, "reason": reason, "fingerprint": fingerprint}),
+            REPORT: ConfigRecord({"status": status.value, "reason": reason, "fingerprint": fingerprint,
+                                  "institution": institution}),
         }
     )
     return Message(content, reply_to=message)
@@ -187,7 +192,7 @@ def train_round(inst: Institution, message: Message, context: Context) -> Messag
             dataset_size=len(train_data),
             batch_size=config.training.batch_size,
             local_epochs=config.training.local_epochs,
-            rounds=config.federation.rounds,
+            rounds=config.privacy.planned_rounds or config.federation.rounds,
             target_epsilon=config.privacy.target_epsilon,
             delta=config.privacy.delta,
             max_grad_norm=config.privacy.max_grad_norm,
@@ -205,7 +210,7 @@ def train_round(inst: Institution, message: Message, context: Context) -> Messag
             _save_state(context, model_round=model_round, arrays=global_arrays, ledger=ledger)
             metrics["epsilon"] = ledger.epsilon(delta=config.privacy.delta)
             log(WARNING, "institution %d refuses round %d: %s", inst.index, server_round, exc)
-            return _reply(message, arrays=ArrayRecord(), metrics=metrics, status=ReplyStatus.BUDGET_EXHAUSTED,
+            return _reply(message, institution=inst.name, arrays=ArrayRecord(), metrics=metrics, status=ReplyStatus.BUDGET_EXHAUSTED,
                           reason=str(exc))
         dp = DpSgdSettings(noise_multiplier=noise, max_grad_norm=config.privacy.max_grad_norm,
                            secure_mode=config.privacy.secure_rng)
@@ -241,7 +246,7 @@ def train_round(inst: Institution, message: Message, context: Context) -> Messag
         out = ArrayRecord({n: Array(a) for n, a in zip(layout.names, result.arrays)})
         metrics["bytes-sent"] = float(sum(a.nbytes for a in result.arrays))
     _save_state(context, model_round=model_round, arrays=global_arrays, ledger=ledger)
-    return _reply(message, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
+    return _reply(message, institution=inst.name, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
 
 
 def evaluate_round(inst: Institution, message: Message, context: Context) -> Message:

@@ -105,6 +105,7 @@ class PrivacySection:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     secure_rng: bool = False
+    planned_rounds: int = 0  # rounds the budget is spread over; 0 means federation.rounds
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "privacy.target_epsilon": (0, None, False, True),
     "privacy.delta": (0, 1, False, False),
     "privacy.max_grad_norm": (0, None, False, True),
+    "privacy.planned_rounds": (0, 100_000, True, True),
     "simulation.cpus_per_institution": (1, 1024, True, True),
     "simulation.torch_threads": (1, 256, True, True),
 }

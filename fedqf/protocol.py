@@ -56,9 +56,15 @@ class InstitutionReport:
     status: ReplyStatus
     reason: str
     metrics: dict[str, float]
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The institution's declared name, else its Flower node id."""
+        return self.name or str(self.node_id)
 
     def rejected(self, reason: str) -> InstitutionReport:
-        return InstitutionReport(self.node_id, ReplyStatus.REJECTED, reason, self.metrics)
+        return InstitutionReport(self.node_id, ReplyStatus.REJECTED, reason, self.metrics, self.name)
 
 
 def encrypted_to_record(vector: EncryptedVector, *, extra: dict[str, np.ndarray] | None = None) -> ArrayRecord:
@@ -141,4 +147,4 @@ def report_from_reply(message: Message) -> InstitutionReport:
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key] = float(value)
-    return InstitutionReport(node, status, str(report.get("reason", "")), values)
+    return InstitutionReport(node, status, str(report.get("reason", "")), values, str(report.get("institution", ""))[:200])

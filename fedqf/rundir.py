@@ -42,6 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # run outputs are not secret; mkstemp's 0600 would hide them from colleagues
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -84,12 +85,12 @@ class RunRecorder:
     institutions: list[dict[str, Any]] = field(default_factory=list)
 
     def record_train(self, server_round: int, reports: Sequence[InstitutionReport]) -> None:
-        for report in sorted(reports, key=lambda r: r.node_id):
+        for report in sorted(reports, key=lambda r: r.label):
             m = report.metrics
             self.institutions.append(
                 {
                     "round": server_round,
-                    "institution": report.node_id,
+                    "institution": report.label,
                     "status": report.status.value,
                     "reason": report.reason,
                     "samples": int(m["num-examples"]) if "num-examples" in m else None,

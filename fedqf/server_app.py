@@ -8,7 +8,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tenseal as ts
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -21,7 +20,7 @@ from fedqf.crypto import CkksParameters, key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError
 from fedqf.model import ParameterLayout, build_model, set_arrays
-from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, REPORT, InstitutionReport, ReplyStatus
+from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
 from fedqf.trainer import evaluate
@@ -40,7 +39,13 @@ class CoordinatorInputs:
 
 
 class ProgressRecorder(RunRecorder):
-    """A RunRecorder that also logs one progress line per round."""
+    """A RunRecorder that also keeps the latest aggregate and logs one progress line per round."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(out_dir)
+        self.latest_arrays: ArrayRecord | None = None
+        self.latest_round = 0
+        self.evaluations: dict[int, MetricRecord | None] = {}
 
     def record_train(self, server_round: int, reports: Any) -> None:
         super().record_train(server_round, reports)
@@ -48,6 +53,13 @@ class ProgressRecorder(RunRecorder):
         eps = [r.metrics["epsilon"] for r in reports if "epsilon" in r.metrics]
         eps_text = f", epsilon spent up to {max(eps):.3f}" if eps else ""
         log(INFO, "fedqf: round %d: %d/%d institutions trained%s", server_round, done, len(reports), eps_text)
+
+    def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
+        self.latest_arrays = arrays
+        self.latest_round = server_round
+
+    def record_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None:
+        self.evaluations[server_round] = metrics
 
 
 def _inputs_from(context: Context) -> CoordinatorInputs:
@@ -105,7 +117,12 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     secure = config.secure_aggregation.mode
     fingerprint = key_fingerprint(inputs.public_context) if inputs.public_context is not None else ""
     setup = AggregationSetup(
-        mode=secure, layout=layout, public_context=inputs.public_context, fingerprint=fingerprint, observer=recorder
+        mode=secure,
+        layout=layout,
+        min_institutions=config.federation.required_institutions,
+        public_context=inputs.public_context,
+        fingerprint=fingerprint,
+        observer=recorder,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     config_text = dump_config(config)
@@ -134,18 +151,23 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
     pending_rows: list[dict[str, Any]] = []
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=config.federation.rounds,
-        timeout=config.federation.round_timeout,
-        train_config=ConfigRecord({FEDERATION_TOML: config_text}),
-        evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
-        evaluate_fn=evaluate_fn,
-    )
+    stopped_reason = ""
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=config.federation.rounds,
+            timeout=config.federation.round_timeout,
+            train_config=ConfigRecord({FEDERATION_TOML: config_text}),
+            evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
+            evaluate_fn=evaluate_fn,
+        )
+    except FederationError as exc:
+        stopped_reason = str(exc)
+        log(WARNING, "fedqf: the federation ends early: %s", exc)
     for row in pending_rows:
         r = row["round"]
-        fed = result.evaluate_metrics_clientapp.get(r)
+        fed = recorder.evaluations.get(r)
         trained = sum(1 for x in recorder.institutions if x["round"] == r and x["status"] == ReplyStatus.OK.value)
         row.update(
             accuracy=fed.get("accuracy") if fed is not None else None,
@@ -153,11 +175,11 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             institutions_trained=trained,
         )
         recorder.record_round(row)
-    rounds_completed = sum(1 for row in pending_rows if row["institutions_trained"] > 0)
+    rounds_completed = recorder.latest_round
 
-    final_arrays = result.arrays
-    if secure is SecureAggregationMode.CKKS:
-        final_arrays = _release_final_model(grid, result.arrays, config_text, config.federation.round_timeout)
+    final_arrays = recorder.latest_arrays if recorder.latest_arrays is not None else initial
+    if secure is SecureAggregationMode.CKKS and recorder.latest_arrays is not None:
+        final_arrays = _release_final_model(grid, recorder.latest_arrays, config_text, config.federation.round_timeout)
     names = list(layout.names)
     weights = [final_arrays[n].numpy() for n in names]
     set_arrays(model, weights)
@@ -202,6 +224,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         }
     refused = [r for r in recorder.institutions if r["status"] != ReplyStatus.OK.value]
     summary["refused_updates"] = len(refused)
+    summary["stopped_reason"] = stopped_reason or None
     recorder.write_summary(summary)
     log(INFO, "fedqf: run directory written to %s", inputs.out_dir)
     return summary
@@ -217,7 +240,3 @@ def _main(grid: Grid, context: Context) -> None:
     except FedqfError as exc:
         log(WARNING, "fedqf: federation failed: %s", exc)
         raise
-
-
-def _unused(_: InstitutionReport, __: np.ndarray) -> None:  # pragma: no cover
-    return None

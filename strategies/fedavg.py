@@ -13,6 +13,8 @@ from fedqf.aggregation import (
     AggregationSetup,
     aggregate_evaluate_replies,
     aggregate_train_replies,
+    finish_train,
+    record_evaluation,
     weighted_mean_arrays,
 )
 from fedqf.config import FederationConfig, SecureAggregationMode
@@ -46,12 +48,14 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         outcome = aggregate_train_replies(server_round, replies, self.setup)
-        if not outcome.accepted or self.setup.mode is SecureAggregationMode.CKKS:
-            return outcome.arrays, outcome.metrics
-        return weighted_mean_arrays(outcome.accepted, self.setup.layout), outcome.metrics
+        arrays = outcome.arrays
+        if outcome.accepted and self.setup.mode is SecureAggregationMode.NONE:
+            arrays = weighted_mean_arrays(outcome.accepted, self.setup.layout)
+        finish_train(self.setup, server_round, outcome, arrays)
+        return arrays, outcome.metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return aggregate_evaluate_replies(server_round, replies)
+        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
 
 
 class FedProx(FedAvg):

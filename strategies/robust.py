@@ -10,7 +10,13 @@ from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
 
-from fedqf.aggregation import AggregationSetup, aggregate_evaluate_replies, aggregate_train_replies
+from fedqf.aggregation import (
+    AggregationSetup,
+    aggregate_evaluate_replies,
+    aggregate_train_replies,
+    finish_train,
+    record_evaluation,
+)
 from fedqf.config import FederationConfig, SecureAggregationMode
 from fedqf.errors import ConfigError
 
@@ -28,10 +34,11 @@ def _aggregate(
     parent: type,
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     outcome = aggregate_train_replies(server_round, replies, setup)
-    if not outcome.accepted:
-        return None, None
-    # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
-    arrays, _ = parent.aggregate_train(strategy, server_round, list(outcome.accepted))
+    arrays = None
+    if outcome.accepted:
+        # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
+        arrays, _ = parent.aggregate_train(strategy, server_round, list(outcome.accepted))
+    finish_train(setup, server_round, outcome, arrays)
     return arrays, outcome.metrics
 
 
@@ -54,7 +61,7 @@ class FedMedian(FlowerFedMedian):
         return _aggregate(self, self.setup, server_round, replies, FlowerFedMedian)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return aggregate_evaluate_replies(server_round, replies)
+        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
 
 
 class FedTrimmedAvg(FlowerFedTrimmedAvg):
@@ -77,7 +84,7 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
         return _aggregate(self, self.setup, server_round, replies, FlowerFedTrimmedAvg)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return aggregate_evaluate_replies(server_round, replies)
+        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
 
 
 class Krum(FlowerKrum):
@@ -100,4 +107,4 @@ class Krum(FlowerKrum):
         return _aggregate(self, self.setup, server_round, replies, FlowerKrum)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return aggregate_evaluate_replies(server_round, replies)
+        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
