@@ -20,7 +20,7 @@ from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, c
 from fedqf.crypto import decrypt, encrypt, key_fingerprint, load_private_context
 from fedqf.data import InstitutionData, simulate_federation_data
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError
-from fedqf.model import ParameterLayout, build_model, get_arrays, set_arrays
+from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.privacy import PrivacyLedger, plan_for
 from fedqf.protocol import (
     ARRAYS,

@@ -136,7 +136,8 @@ def standardize(features: FloatArray, *, reference: FloatArray) -> FloatArray:
     mean = reference.mean(axis=0)
     std = reference.std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)
-    return ((features - mean) / std).astype(np.float32)
+    scaled: FloatArray = ((features - mean) / std).astype(np.float32)
+    return scaled
 
 
 def _stratified_holdout(
@@ -147,7 +148,7 @@ def _stratified_holdout(
     kept: list[int] = []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_held = int(round(fraction * len(idx)))
+        n_held = round(fraction * len(idx))
         held.extend(idx[:n_held].tolist())
         kept.extend(idx[n_held:].tolist())
     return np.sort(np.array(kept, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
@@ -208,7 +209,7 @@ def institution_data(
     """Split one institution's records into train/validation and standardize both with the train statistics."""
     n = len(labels)
     order = rng.permutation(n)
-    n_val = int(round(validation_fraction * n))
+    n_val = round(validation_fraction * n)
     if n - n_val < 1:
         raise DataError(f"an institution with {n} records has none left for training")
     val_idx, train_idx = order[:n_val], order[n_val:]

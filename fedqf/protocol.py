@@ -80,7 +80,7 @@ def encrypted_to_record(vector: EncryptedVector, *, extra: dict[str, np.ndarray]
 
 
 def is_encrypted(record: ArrayRecord) -> bool:
-    return any(key.startswith(CKKS_PREFIX) for key in record.keys())
+    return any(key.startswith(CKKS_PREFIX) for key in record)
 
 
 def _scalar(record: ArrayRecord, key: str, *, dtype: type) -> float:
@@ -103,7 +103,7 @@ def _scalar(record: ArrayRecord, key: str, *, dtype: type) -> float:
 
 def record_to_encrypted(record: ArrayRecord) -> EncryptedVector:
     """Unpack an encrypted vector; a record that is not one raises UpdateRejectedError (never another error)."""
-    chunk_keys = sorted(k for k in record.keys() if k.startswith(CKKS_PREFIX))
+    chunk_keys = sorted(k for k in record if k.startswith(CKKS_PREFIX))
     if not chunk_keys:
         raise UpdateRejectedError("the update holds no CKKS ciphertext")
     if chunk_keys != [f"{CKKS_PREFIX}{i:06d}" for i in range(len(chunk_keys))]:

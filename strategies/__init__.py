@@ -5,4 +5,4 @@ from __future__ import annotations
 from strategies.fedavg import FedAvg, FedProx
 from strategies.robust import FedMedian, FedTrimmedAvg, Krum
 
-__all__ = ["FedAvg", "FedProx", "FedMedian", "FedTrimmedAvg", "Krum"]
+__all__ = ["FedAvg", "FedMedian", "FedProx", "FedTrimmedAvg", "Krum"]

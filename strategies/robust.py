@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -26,18 +26,18 @@ def _plain_only(name: str, setup: AggregationSetup) -> None:
         raise ConfigError(f"strategy '{name}' must see each update and cannot run under CKKS")
 
 
+Rule = Callable[[int, Iterable[Message]], tuple[ArrayRecord | None, MetricRecord | None]]
+
+
 def _aggregate(
-    strategy: FlowerFedMedian | FlowerFedTrimmedAvg | FlowerKrum,
-    setup: AggregationSetup,
-    server_round: int,
-    replies: Iterable[Message],
-    parent: type,
+    setup: AggregationSetup, server_round: int, replies: Iterable[Message], rule: Rule
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Check every reply with fedqf, then hand only the accepted ones to Flower's rule."""
     outcome = aggregate_train_replies(server_round, replies, setup)
     arrays = None
     if outcome.accepted:
         # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
-        arrays, _ = parent.aggregate_train(strategy, server_round, list(outcome.accepted))
+        arrays, _ = rule(server_round, list(outcome.accepted))
     finish_train(setup, server_round, outcome, arrays)
     return arrays, outcome.metrics
 
@@ -58,7 +58,7 @@ class FedMedian(FlowerFedMedian):
         return cls(setup=setup, min_institutions=config.federation.required_institutions)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self, self.setup, server_round, replies, FlowerFedMedian)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
@@ -81,7 +81,7 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
                    beta=config.strategy.trim_fraction)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self, self.setup, server_round, replies, FlowerFedTrimmedAvg)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
@@ -104,7 +104,7 @@ class Krum(FlowerKrum):
                    num_malicious_nodes=config.strategy.krum_byzantine)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self, self.setup, server_round, replies, FlowerKrum)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))

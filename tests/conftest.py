@@ -32,11 +32,11 @@ def write_toml(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
-def reply_from(node_id: int, content: "RecordDict") -> "Message":
+def reply_from(node_id: int, content: RecordDict) -> Message:
     """A reply Message as the coordinator receives it from institution `node_id`."""
     import time as _time
 
-    from flwr.app import Message, Metadata, MessageType
+    from flwr.app import MessageType, Metadata
     from flwr.app.message.message import make_message
 
     metadata = Metadata(

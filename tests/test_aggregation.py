@@ -21,9 +21,17 @@ from fedqf.crypto import (
     load_public_context,
     serialize_public_context,
 )
-from fedqf.errors import FedqfError, FederationError
+from fedqf.errors import FederationError, FedqfError
 from fedqf.model import ParameterLayout
-from fedqf.protocol import ARRAYS, METRICS, REPORT, InstitutionReport, aggregate_meta, encrypted_to_record, record_to_encrypted
+from fedqf.protocol import (
+    ARRAYS,
+    METRICS,
+    REPORT,
+    InstitutionReport,
+    aggregate_meta,
+    encrypted_to_record,
+    record_to_encrypted,
+)
 from strategies import FedAvg
 
 LAYOUT = ParameterLayout(names=("w", "b"), shapes=((4, 3), (3,)))

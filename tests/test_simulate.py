@@ -19,7 +19,7 @@ RUN_FILES = {"history.csv", "institutions.csv", "summary.json", "model.pt"}
 def fedqf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     return subprocess.run(
-        [sys.executable, "-m", "fedqf.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "fedqf.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
     )
 
 
