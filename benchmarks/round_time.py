@@ -1,0 +1,234 @@
+"""Per-round time of fedqf (CKKS + DP-SGD) against stock Flower FedAvg, both in Flower's simulation runtime.
+
+(a) fedqf's default sandbox through `fedqf.simulation.run_simulation`; (b) benchmarks/stock_flower_app.py (the same
+model, seed and data split, plain SGD, no encryption, no DP) through the same runtime: a private
+`flower-superlink --simulation` and `flwr run APP_DIR CONNECTION --stream`.
+
+    PYTHONPATH=. /work/venv/bin/python benchmarks/round_time.py [--config FILE] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fedqf.config import FederationConfig, dump_config, load_config  # noqa: E402
+from fedqf.errors import FederationError  # noqa: E402
+from fedqf.simulation import (  # noqa: E402
+    free_port,
+    run_simulation,
+    sandbox_default_path,
+    stop_process_group,
+    telemetry_off_environment,
+)
+
+_STOCK_MANIFEST = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "stock-flower-bench"
+version = "0.1.0"
+description = "stock Flower FedAvg baseline for fedqf's round-time benchmark"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedqf"
+
+[tool.flwr.app.components]
+serverapp = "benchmarks.stock_flower_app:server"
+clientapp = "benchmarks.stock_flower_app:client"
+
+[tool.flwr.app.config]
+bench-config = ""
+bench-out = ""
+"""
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """One federation run's timings (seconds) and its final accuracy on the held-out test split."""
+
+    label: str
+    round_seconds: tuple[float, ...]
+    wall_seconds: float  # as the ServerApp measures it
+    outer_seconds: float  # around the whole run, SuperLink start and stop included
+    final_accuracy: float
+
+    @property
+    def mean_all(self) -> float:
+        return statistics.fmean(self.round_seconds)
+
+    @property
+    def mean_after_first(self) -> float:
+        # Round 1 also pays for Ray actor start-up and the first imports in every institution.
+        rest = self.round_seconds[1:]
+        return statistics.fmean(rest) if rest else float("nan")
+
+
+def run_fedqf(config: FederationConfig, out_dir: Path) -> RunTimes:
+    started = time.perf_counter()
+    run_simulation(config, out_dir=out_dir, base_dir=None)
+    outer = time.perf_counter() - started
+    with (out_dir / "history.csv").open(newline="") as handle:
+        seconds = tuple(float(row["round_seconds"]) for row in csv.DictReader(handle))
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return RunTimes("fedqf CKKS + DP-SGD", seconds, float(summary["wall_seconds"]), outer,
+                    float(summary["final_accuracy"]))
+
+
+def _wait_for_health(port: int, process: subprocess.Popen[bytes], log_path: Path, *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(f"the SuperLink exited at start: {log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise FederationError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
+    """Run benchmarks/stock_flower_app.py the way fedqf.simulation runs fedqf's app (same SuperLink flags)."""
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / "stock.json"
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="fedqf-bench-"))
+    superlink: subprocess.Popen[bytes] | None = None
+    try:
+        config_path = work / "federation.toml"
+        config_path.write_text(dump_config(config))
+        app_dir = work / "app"
+        app_dir.mkdir()
+        (app_dir / "pyproject.toml").write_text(_STOCK_MANIFEST)
+        flwr_home = work / "flwr-home"
+        flwr_home.mkdir()
+        http_port, control_port, fleet_port = free_port(), free_port(), free_port()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+        )
+        # The repo root on PYTHONPATH makes `benchmarks.stock_flower_app` importable in the ServerApp and in
+        # every Ray worker (they inherit the SuperLink's environment).
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = telemetry_off_environment({"FLWR_HOME": str(flwr_home), "PYTHONPATH": pythonpath})
+        log_path = work / "superlink.log"
+        with log_path.open("wb") as log_handle:
+            superlink = subprocess.Popen(
+                [
+                    "flower-superlink", "--simulation", "--insecure", "--isolation", "subprocess",
+                    "--host", "127.0.0.1", "--port", str(http_port),
+                    "--control-api-address", f"127.0.0.1:{control_port}",
+                    "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+                    "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:",
+                ],
+                stdout=log_handle, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
+            )  # fmt: skip
+        _wait_for_health(http_port, superlink, log_path)
+        run_config = " ".join(f"{k}={_quote(v)}" for k, v in
+                              {"bench-config": str(config_path), "bench-out": str(result_path)}.items())
+        federation = (
+            f"num-supernodes={config.federation.institutions} "
+            f"client-resources-num-cpus={config.simulation.cpus_per_institution} "
+            f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
+        )
+        runner = subprocess.run(
+            ["flwr", "run", str(app_dir), "bench", "--stream", "--run-config", run_config,
+             "--federation-config", federation],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work, check=False,
+        )  # fmt: skip
+        (out_dir / "stock.log").write_bytes(runner.stdout)
+        if not result_path.exists():
+            tail = runner.stdout.decode(errors="replace")[-3000:]
+            raise FederationError(f"the stock Flower run wrote no result (see {out_dir / 'stock.log'}):\n{tail}")
+    finally:
+        if superlink is not None:
+            stop_process_group(superlink)
+        shutil.rmtree(work, ignore_errors=True)
+    outer = time.perf_counter() - started
+    result = json.loads(result_path.read_text())
+    seconds = tuple(float(row["round_seconds"]) for row in result["rounds"])
+    return RunTimes("stock Flower FedAvg", seconds, float(result["wall_seconds"]), outer,
+                    float(result["final_accuracy"]))
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"{model}, nproc {nproc}"
+
+
+def table(fedqf: RunTimes, stock: RunTimes) -> str:
+    rows = [
+        ("mean round s (rounds 1..N)", fedqf.mean_all, stock.mean_all),
+        (f"mean round s (rounds 2..{len(fedqf.round_seconds)})", fedqf.mean_after_first, stock.mean_after_first),
+        ("wall s (ServerApp)", fedqf.wall_seconds, stock.wall_seconds),
+        ("wall s (whole run, SuperLink included)", fedqf.outer_seconds, stock.outer_seconds),
+    ]
+    lines = [f"| measure | {fedqf.label} | {stock.label} | fedqf / stock |", "|---|---:|---:|---:|"]
+    for name, a, b in rows:
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1f}x |")
+    lines.append(f"| final accuracy (held-out test) | {fedqf.final_accuracy:.4f} | {stock.final_accuracy:.4f} | |")
+    per_round = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(fedqf.round_seconds, stock.round_seconds))
+    lines.append("")
+    lines.append(f"Per-round seconds (fedqf / stock), rounds 1..{len(fedqf.round_seconds)}: {per_round}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=sandbox_default_path(), help="federation TOML")
+    parser.add_argument("--out", type=Path, default=None, help="where both runs' outputs go (default: a temp dir)")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-round-time-"))).resolve()
+    print(f"machine: {machine()}")
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"config: {config.source}: {config.federation.institutions} institutions, {config.federation.rounds} rounds, "
+          f"secure aggregation {config.secure_aggregation.mode.value}, privacy {config.privacy.mode.value}")
+    print("running (a) fedqf ...", flush=True)
+    fedqf = run_fedqf(config, out / "fedqf")
+    print("running (b) stock Flower FedAvg ...", flush=True)
+    stock = run_stock(config, out / "stock")
+    print()
+    print(table(fedqf, stock))
+    print()
+    print(f"ratio fedqf/stock, mean round s: {fedqf.mean_all / stock.mean_all:.1f}x (all rounds), "
+          f"{fedqf.mean_after_first / stock.mean_after_first:.1f}x (rounds 2..{len(fedqf.round_seconds)})")
+    print(f"outputs: {out}")
+
+
+if __name__ == "__main__":
+    main()
