@@ -55,8 +55,8 @@ dependencies = []
 publisher = "fedqf"
 
 [tool.flwr.app.components]
-serverapp = "benchmarks.stock_flower_app:server"
-clientapp = "benchmarks.stock_flower_app:client"
+serverapp = "stock_flower_app:server"
+clientapp = "stock_flower_app:client"
 
 [tool.flwr.app.config]
 bench-config = ""
@@ -134,9 +134,12 @@ def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
         (flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
         )
-        # The repo root on PYTHONPATH makes `benchmarks.stock_flower_app` importable in the ServerApp and in
-        # every Ray worker (they inherit the SuperLink's environment).
-        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        # benchmarks/ itself goes on PYTHONPATH (the ServerApp and every Ray worker inherit the SuperLink's
+        # environment): `benchmarks.stock_flower_app` would not import, as opacus 1.6.0 installs a top-level
+        # `benchmarks` package whose __init__.py wins over this repo's namespace directory.
+        pythonpath = os.pathsep.join(
+            p for p in (str(REPO / "benchmarks"), str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        )
         env = telemetry_off_environment({"FLWR_HOME": str(flwr_home), "PYTHONPATH": pythonpath})
         log_path = work / "superlink.log"
         with log_path.open("wb") as log_handle:

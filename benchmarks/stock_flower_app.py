@@ -1,4 +1,4 @@
-"""A stock Flower FedAvg app (plain SGD, no encryption, no DP) on fedqf's model and data split: the round-time baseline."""
+"""Stock Flower FedAvg (plain SGD, no encryption, no DP) on fedqf's model and data split: the round-time baseline."""
 
 from __future__ import annotations
 
