@@ -105,6 +105,9 @@ class PrivacySection:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     secure_rng: bool = False
+    # Seed DP noise and Poisson sampling from the federation seed. Anyone holding the config could then
+    # regenerate the noise, so this is for reproducible research only; by default both come from OS entropy.
+    reproducible_noise: bool = False
     planned_rounds: int = 0  # rounds the budget is spread over; 0 means federation.rounds
 
 

@@ -35,3 +35,9 @@ class UpdateRejectedError(FedqfError):
 
 class FederationError(FedqfError):
     """The federation could not run to the end: too few institutions answered, or the runtime failed."""
+
+
+class KeyMaterialError(FedqfError):
+    """A key or certificate file is missing, unreadable, or of the wrong kind."""
+
+    exit_code = 2

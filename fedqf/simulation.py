@@ -170,7 +170,7 @@ def run_simulation(
         (app_dir / "pyproject.toml").write_text(_APP_MANIFEST)
         flwr_home = work / "flwr-home"
         flwr_home.mkdir()
-        http_port, control_port, fleet_port = free_port(), free_port(), free_port()
+        http_port = free_port()
         (flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "fedqf-sim"\n\n[superlink.fedqf-sim]\naddress = "127.0.0.1:{http_port}"\n'
             "insecure = true\n"
@@ -189,10 +189,6 @@ def run_simulation(
                     "127.0.0.1",
                     "--port",
                     str(http_port),
-                    "--control-api-address",
-                    f"127.0.0.1:{control_port}",
-                    "--fleet-api-address",
-                    f"127.0.0.1:{fleet_port}",
                     "--disable-runtime-dependency-installation",
                     "--database",
                     ":flwr-in-memory:",

@@ -1,0 +1,407 @@
+"""An institution's side of a round: decrypt the aggregate, train with DP-SGD, clip, encrypt, evaluate, release.
+
+The same code serves a simulated institution (state kept in Flower's Context) and a deployed one (state kept by
+the long-lived institution service, on disk, across restarts).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tenseal as ts
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, config_from_dict
+from fedqf.crypto import decrypt, encrypt, key_fingerprint
+from fedqf.data import InstitutionData
+from fedqf.errors import FedqfError, PrivacyBudgetExceededError
+from fedqf.model import ParameterLayout, build_model, set_arrays
+from fedqf.privacy import PrivacyLedger, PrivacyPlan, plan_for
+from fedqf.protocol import (
+    ARRAYS,
+    CONFIG,
+    FEDERATION_TOML,
+    METRICS,
+    REPORT,
+    TRAIN_METRIC_KEYS,
+    ReplyStatus,
+    aggregate_meta,
+    encrypted_to_record,
+    is_encrypted,
+    record_to_encrypted,
+)
+from fedqf.rundir import atomic_write_bytes
+from fedqf.trainer import DpSgdSettings, evaluate, train_local
+
+Arrays = list[npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class Institution:
+    """What an institution brings to a round: its config, its data, its name, and its CKKS secret context."""
+
+    config: FederationConfig
+    data: InstitutionData
+    name: str
+    index: int
+    secret_context: ts.Context | None
+
+    def __post_init__(self) -> None:
+        if self.config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+            if self.secret_context is None or not self.secret_context.is_private():
+                raise FedqfError("a CKKS federation needs the institutions' context with its secret key")
+
+    def model(self) -> torch.nn.Module:
+        generator = torch.Generator().manual_seed(self.config.federation.seed)
+        return build_model(
+            self.config.model, num_features=self.data.num_features, num_classes=self.data.num_classes,
+            generator=generator,
+        )
+
+
+@dataclass
+class InstitutionState:
+    """What an institution remembers between rounds: the global model it holds, its round, its privacy ledger."""
+
+    model_round: int = -1
+    global_arrays: Arrays | None = None
+    ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+
+    # --- simulation: Flower's Context.state -------------------------------------------------------------
+    def to_records(self) -> dict[str, Any]:
+        record = ConfigRecord({"round": self.model_round})
+        for key, value in self.ledger.to_state().items():
+            record[f"ledger.{key}"] = value
+        out: dict[str, Any] = {"fedqf.state": record}
+        if self.global_arrays is not None:
+            out["fedqf.global-model"] = ArrayRecord([np.asarray(a) for a in self.global_arrays])
+        return out
+
+    @classmethod
+    def from_records(cls, records: RecordDict) -> InstitutionState:
+        state = records.get("fedqf.state")
+        if not isinstance(state, ConfigRecord):
+            return cls()
+        ledger_state = {k[len("ledger.") :]: v for k, v in state.items() if k.startswith("ledger.")}
+        model = records.get("fedqf.global-model")
+        arrays = model.to_numpy_ndarrays() if isinstance(model, ArrayRecord) else None
+        return cls(int(state["round"]), arrays, PrivacyLedger.from_state(ledger_state))  # type: ignore[arg-type]
+
+    # --- deployment: the institution's state directory ----------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Persist atomically: the model first, then the ledger and round that refer to it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.global_arrays is not None:
+            import io
+
+            buffer = io.BytesIO()
+            np.savez(buffer, *self.global_arrays)
+            atomic_write_bytes(directory / "global-model.npz", buffer.getvalue())
+        payload = {"round": self.model_round, "ledger": self.ledger.to_state()}
+        atomic_write_bytes(directory / "state.json", (json.dumps(payload) + "\n").encode())
+
+    @classmethod
+    def load(cls, directory: Path) -> InstitutionState:
+        """Load the saved state; none saved yet is a fresh state; a corrupt file is an error, never a reset."""
+        path = directory / "state.json"
+        if not path.exists():
+            return cls()
+        try:
+            payload = json.loads(path.read_text())
+            ledger = PrivacyLedger.from_state(payload["ledger"])
+            model_round = int(payload["round"])
+            arrays: Arrays | None = None
+            if (directory / "global-model.npz").exists():
+                with np.load(directory / "global-model.npz") as archive:
+                    arrays = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
+        except FedqfError:
+            raise
+        except Exception as exc:
+            raise FedqfError(
+                f"{path}: the institution's saved state is unreadable ({exc}); refusing to start rather than "
+                "forget the privacy budget already spent"
+            ) from exc
+        return cls(model_round, arrays, ledger)
+
+
+@functools.lru_cache(maxsize=8)
+def parse_federation(toml_text: str) -> FederationConfig:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FedqfError(f"the coordinator sent a federation config that is not TOML ({exc})") from exc
+    return config_from_dict(raw, source="<federation sent by the coordinator>")
+
+
+@functools.lru_cache(maxsize=16)
+def _calibrated_noise(plan: PrivacyPlan) -> float:
+    # The plan is the same every round; Opacus's binary search costs most of a second, so do it once.
+    return plan.calibrate()
+
+
+def _training_generator(config: FederationConfig, index: int, server_round: int) -> torch.Generator:
+    """Randomness for sampling and DP noise: OS entropy unless the federation asks for reproducible noise."""
+    if config.privacy.mode is PrivacyMode.DP_SGD and not config.privacy.reproducible_noise:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    return torch.Generator().manual_seed(config.federation.seed * 1_000_003 + index * 1009 + server_round)
+
+
+def resolve_global_model(inst: Institution, record: ArrayRecord, state: InstitutionState) -> tuple[int, Arrays]:
+    """The global model w_t this instruction refers to, and t.
+
+    A plaintext record is w_t itself. An encrypted record is the round-t sum S with sum_k a_k; it applies to
+    w_{t-1}: w_t = w_{t-1} + Dec(S) / sum_k a_k. A sum already applied is not applied twice.
+    """
+    layout = ParameterLayout.of(inst.model())
+    if not is_encrypted(record):
+        missing = [name for name in layout.names if name not in record]
+        if missing:
+            raise FedqfError(f"the global model lacks the arrays {missing}")
+        arrays = [np.asarray(record[name].numpy(), dtype=np.float32) for name in layout.names]
+        layout.flatten(arrays)  # checks every shape
+        return max(state.model_round, 0), arrays
+    aggregate_round, weight_sum = aggregate_meta(record)
+    if aggregate_round == state.model_round and state.global_arrays is not None:
+        return state.model_round, state.global_arrays
+    if aggregate_round != state.model_round + 1 or state.global_arrays is None:
+        raise FedqfError(
+            f"this institution holds the global model of round {state.model_round}, but the aggregate is for "
+            f"round {aggregate_round}; it cannot apply it (missed a round)"
+        )
+    if inst.secret_context is None:
+        raise FedqfError("an encrypted aggregate arrived but this institution has no CKKS secret context")
+    if weight_sum <= 0:
+        raise FedqfError(f"the aggregate's weight sum must be positive, got {weight_sum}")
+    total = decrypt(inst.secret_context, record_to_encrypted(record))
+    base = layout.flatten(state.global_arrays)
+    return aggregate_round, layout.unflatten(base + total / weight_sum)
+
+
+def _clip_l2(vector: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float64]:
+    """v * min(1, bound / ||v||_2): afterwards ||v||_2 <= bound, hence every |v_i| <= bound."""
+    norm = float(np.linalg.norm(vector))
+    return vector * min(1.0, bound / norm) if norm > 0 else vector
+
+
+def _train_reply(inst: Institution, *, arrays: ArrayRecord, metrics: dict[str, float], status: ReplyStatus,
+                 reason: str = "", fingerprint: str = "") -> RecordDict:
+    return RecordDict(
+        {
+            ARRAYS: arrays,
+            METRICS: MetricRecord({k: metrics[k] for k in TRAIN_METRIC_KEYS if k in metrics}),
+            REPORT: ConfigRecord({"status": status.value, "reason": reason, "fingerprint": fingerprint,
+                                  "institution": inst.name}),
+        }
+    )
+
+
+def _arrays(content: RecordDict) -> ArrayRecord:
+    record = content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise FedqfError("the instruction carries no ArrayRecord 'arrays'")
+    return record
+
+
+def train_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:
+    """One round of local training: the (encrypted) update, or a refusal when the budget is spent.
+
+    The privacy spend of the round is recorded in the ledger (and persisted through `persist`) before training
+    starts, so a crash mid-round can over-count the budget but never under-count it.
+    """
+    config = inst.config
+    model_round, global_arrays = resolve_global_model(inst, _arrays(content), state)
+    state.model_round, state.global_arrays = model_round, global_arrays
+    config_record = content.get(CONFIG)
+    server_round = int(config_record.get("server-round", 0)) if isinstance(config_record, ConfigRecord) else 0  # type: ignore[arg-type]
+    proximal_mu = float(config_record.get("proximal-mu", 0.0)) if isinstance(config_record, ConfigRecord) else 0.0  # type: ignore[arg-type]
+    train_data = inst.data.train
+    metrics: dict[str, float] = {"num-examples": float(len(train_data))}
+    dp: DpSgdSettings | None = None
+    planned_steps = 0
+    if config.privacy.mode is PrivacyMode.DP_SGD:
+        plan = plan_for(
+            dataset_size=len(train_data),
+            batch_size=config.training.batch_size,
+            local_epochs=config.training.local_epochs,
+            rounds=config.privacy.planned_rounds or config.federation.rounds,
+            target_epsilon=config.privacy.target_epsilon,
+            delta=config.privacy.delta,
+            max_grad_norm=config.privacy.max_grad_norm,
+        )
+        noise = _calibrated_noise(plan)
+        try:
+            state.ledger.ensure_within_budget(
+                noise_multiplier=noise,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps_per_round,
+                target_epsilon=config.privacy.target_epsilon,
+                delta=config.privacy.delta,
+            )
+        except PrivacyBudgetExceededError as exc:
+            if persist is not None:
+                persist(state)
+            metrics["epsilon"] = state.ledger.epsilon(delta=config.privacy.delta)
+            log(WARNING, "%s refuses round %d: %s", inst.name, server_round, exc)
+            return _train_reply(inst, arrays=ArrayRecord(), metrics=metrics, status=ReplyStatus.BUDGET_EXHAUSTED,
+                                reason=str(exc))
+        dp = DpSgdSettings(noise_multiplier=noise, max_grad_norm=config.privacy.max_grad_norm,
+                           secure_mode=config.privacy.secure_rng)
+        planned_steps = plan.steps_per_round
+        state.ledger.record(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=planned_steps)
+        if persist is not None:
+            persist(state)
+    model = inst.model()
+    set_arrays(model, global_arrays)
+    scratch = PrivacyLedger()
+    result = train_local(model, train_data, training=config.training, dp=dp,
+                         generator=_training_generator(config, inst.index, server_round),
+                         ledger=scratch if dp is not None else None, proximal_mu=proximal_mu)
+    if dp is not None:
+        if result.steps > planned_steps:  # never under-count: record what went beyond the plan
+            state.ledger.record(noise_multiplier=dp.noise_multiplier, sample_rate=result.sample_rate,
+                                steps=result.steps - planned_steps)
+        metrics.update(
+            {
+                "epsilon": state.ledger.epsilon(delta=config.privacy.delta),
+                "noise-multiplier": dp.noise_multiplier,
+                "sample-rate": result.sample_rate,
+            }
+        )
+    metrics.update({"steps": float(result.steps), "train-loss": result.loss, "train-seconds": result.seconds})
+    layout = ParameterLayout.of(model)
+    weight = len(train_data) / config.secure_aggregation.weight_unit
+    metrics["weight"] = weight
+    fingerprint = ""
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        assert inst.secret_context is not None
+        start = time.perf_counter()
+        delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays),
+                         config.secure_aggregation.delta_clip)
+        encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * config.secure_aggregation.delta_clip)
+        out = encrypted_to_record(encrypted)
+        fingerprint = encrypted.fingerprint
+        metrics["encrypt-seconds"] = time.perf_counter() - start
+        metrics["bytes-sent"] = float(encrypted.nbytes)
+    else:
+        out = ArrayRecord({n: Array(a) for n, a in zip(layout.names, result.arrays)})
+        metrics["bytes-sent"] = float(sum(a.nbytes for a in result.arrays))
+    if persist is not None:
+        persist(state)
+    log(INFO, "%s trained round %d: %d steps%s", inst.name, server_round, result.steps,
+        f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "")
+    return _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
+
+
+def evaluate_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:
+    """Evaluate the global model of this round on the institution's validation split."""
+    state.model_round, state.global_arrays = resolve_global_model(inst, _arrays(content), state)
+    if persist is not None:
+        persist(state)
+    model = inst.model()
+    set_arrays(model, state.global_arrays)
+    result = evaluate(model, inst.data.validation)
+    metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
+    return RecordDict({METRICS: metrics})
+
+
+def release_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:
+    """Release the final global model in plaintext: the federation's declared output, logged as such."""
+    state.model_round, state.global_arrays = resolve_global_model(inst, _arrays(content), state)
+    if persist is not None:
+        persist(state)
+    layout = ParameterLayout.of(inst.model())
+    log(WARNING, "%s releases the global model of round %d to the coordinator", inst.name, state.model_round)
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord({n: Array(a) for n, a in zip(layout.names, state.global_arrays)}),
+            REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "round": state.model_round}),
+        }
+    )
+
+
+def handle(inst: Institution, state: InstitutionState, message_type: str, content: RecordDict, *,
+           persist: Any = None) -> RecordDict:
+    """Dispatch one instruction by its Flower message type."""
+    if message_type == MessageType.TRAIN:
+        return train_round(inst, state, content, persist=persist)
+    if message_type == MessageType.EVALUATE:
+        return evaluate_round(inst, state, content, persist=persist)
+    if message_type == MessageType.QUERY:
+        return release_round(inst, state, content, persist=persist)
+    raise FedqfError(f"unknown instruction type {message_type!r}; expected train, evaluate or query")
+
+
+def federation_text(content: RecordDict) -> str:
+    record = content.get(CONFIG)
+    if not isinstance(record, ConfigRecord) or FEDERATION_TOML not in record:
+        raise FedqfError("the instruction carries no federation config")
+    return str(record[FEDERATION_TOML])
+
+
+def fingerprint_of(context: ts.Context) -> str:
+    return key_fingerprint(context)
+
+
+# --- simulation: an institution is a partition of the data source, its state lives in Flower's Context --------
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_share(toml_text: str, base_dir: str, index: int, count: int) -> InstitutionData:
+    from fedqf.data import simulate_federation_data
+
+    config = parse_federation(toml_text)
+    shares = simulate_federation_data(
+        config.data, institutions=count, seed=config.federation.seed, base_dir=Path(base_dir) if base_dir else None
+    )
+    return shares.institutions[index]
+
+
+@functools.lru_cache(maxsize=2)
+def read_secret_context(path: str) -> ts.Context:
+    """The institutions' CKKS context (with its secret key) from a file."""
+    from fedqf.crypto import load_private_context
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise FedqfError(f"{path}: cannot read the CKKS secret context ({exc.strerror})") from exc
+    return load_private_context(data)
+
+
+def handle_simulated(
+    message_type: str, content: RecordDict, *, node_config: dict[str, Any], run_config: dict[str, Any],
+    state_records: RecordDict,
+) -> RecordDict:
+    """Handle an instruction in a simulation: institution k is partition k of the data source."""
+    toml_text = federation_text(content)
+    config = parse_federation(toml_text)
+    index = int(node_config["partition-id"])
+    count = int(node_config["num-partitions"])
+    data = _simulated_share(toml_text, str(run_config.get("fedqf-base-dir", "")), index, count)
+    secret = None
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        secret = read_secret_context(str(run_config["fedqf-secret-context"]))
+    torch.set_num_threads(config.simulation.torch_threads)
+    inst = Institution(config, data, f"institution-{index}", index, secret)
+    state = InstitutionState.from_records(state_records)
+
+    def persist(current: InstitutionState) -> None:
+        for key, value in current.to_records().items():
+            state_records[key] = value
+
+    reply = handle(inst, state, message_type, content, persist=persist)
+    persist(state)
+    return reply
