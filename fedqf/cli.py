@@ -40,6 +40,66 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIMESTAMP)")
     sim.add_argument("--verbose", action="store_true", help="relay the whole Flower log, not just progress")
     sim.add_argument("--check", action="store_true", help="validate the federation file and exit")
+
+    keys = sub.add_parser("keys", help="create key material (CKKS key ceremony, node keys)",
+                          description="Create key material for a federation.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_new = keys_sub.add_parser(
+        "new", help="CKKS key ceremony",
+        description="Create the federation's CKKS keys: DIR/institution.ckks (secret key, mode 0600, for "
+        "institutions only), DIR/coordinator.ckks (public), DIR/fingerprint.txt.")
+    keys_new.add_argument("directory", type=Path)
+    keys_new.add_argument("--federation", type=Path, default=None,
+                          help="take the CKKS parameters from this federation file (default: fedqf's defaults)")
+    keys_node = keys_sub.add_parser(
+        "node", help="an institution's node-authentication key pair",
+        description="Create DIR/node.key (mode 0600, stays with the institution) and DIR/node.pub (give it to "
+        "the coordinator operator).")
+    keys_node.add_argument("directory", type=Path)
+
+    certs = sub.add_parser("certs", help="create TLS certificates", description="Create TLS material.")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, parser_class=_Parser)
+    certs_new = certs_sub.add_parser(
+        "new", help="a CA and the coordinator's certificate",
+        description="Create DIR/ca.crt (give it to institutions), DIR/ca.key, DIR/server.crt and DIR/server.key "
+        "(keys mode 0600) for the coordinator's host names.")
+    certs_new.add_argument("directory", type=Path)
+    certs_new.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME",
+                           help="a DNS name or IP address institutions use to reach the coordinator; repeatable")
+    certs_new.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+
+    coord = sub.add_parser(
+        "coordinator", help="run the coordinator server",
+        description="Run a federation as its coordinator: a Flower SuperLink with TLS and node authentication, "
+        "admitting only the given institutions' node keys; writes a run directory.")
+    coord.add_argument("federation", type=Path)
+    coord.add_argument("--certs", type=Path, required=True, help="directory from `fedqf certs new`")
+    coord.add_argument("--context", type=Path, default=None, help="coordinator.ckks from `fedqf keys new` (public)")
+    coord.add_argument("--node-key", dest="node_keys", action="append", type=Path, default=[], metavar="PATH",
+                       help="an institution's node.pub, or a directory of them; repeatable")
+    coord.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to serve institutions on")
+    coord.add_argument("--health", default="127.0.0.1:9098",
+                       help="HOST:PORT of the gRPC health-checking service ('' to disable)")
+    coord.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIMESTAMP)")
+    coord.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    inst = sub.add_parser(
+        "institution", help="run an institution daemon",
+        description="Run an institution: its long-lived service (data, model, privacy ledger, CKKS context) and "
+        "a Flower SuperNode that connects to the coordinator over TLS with node authentication.")
+    inst.add_argument("federation", type=Path, help="the federation file this institution signed up for")
+    inst.add_argument("--name", required=True, help="this institution's name, as reported to the coordinator")
+    inst.add_argument("--data", type=Path, required=True, help="CSV or Parquet table (target column per the file)")
+    inst.add_argument("--context", type=Path, default=None, help="institution.ckks from `fedqf keys new` (secret)")
+    inst.add_argument("--node-key", type=Path, required=True, help="node.key from `fedqf keys node`")
+    inst.add_argument("--ca", type=Path, required=True, help="the coordinator's ca.crt")
+    inst.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    inst.add_argument("--state", type=Path, required=True,
+                      help="state directory (privacy ledger and global model survive restarts here)")
+    inst.add_argument("--health", default=None, help="HOST:PORT for an extra TCP gRPC health endpoint")
+    inst.add_argument("--retry-seconds", type=float, default=300.0,
+                      help="how long to retry a coordinator that is not up yet (default 300)")
+    inst.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
 
 
@@ -78,6 +138,8 @@ def _print_table(out_dir: Path) -> None:
           f"wall time {summary['wall_seconds']:.1f} s")
     if summary.get("stopped_reason"):
         print(f"stopped early: {summary['stopped_reason']}")
+    if summary.get("refused_updates"):
+        print(f"updates refused or rejected: {summary['refused_updates']} (see institutions.csv)")
     print(f"run directory: {out_dir}")
 
 
@@ -117,6 +179,75 @@ def _simulate(args: argparse.Namespace) -> int:
     return EXIT_INCOMPLETE if summary.get("stopped_reason") else 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from fedqf.keys import new_ckks_keys, new_node_keys
+
+    if args.keys_command == "new":
+        from fedqf.config import load_config
+        from fedqf.simulation import ckks_parameters, sandbox_default_path
+
+        params = ckks_parameters(load_config(args.federation or sandbox_default_path()))
+        made = new_ckks_keys(args.directory, params)
+        print(f"institutions' context (secret, mode 0600): {made.institution_context}")
+        print(f"coordinator's context (public):            {made.coordinator_context}")
+        print(f"public key fingerprint: {made.fingerprint}")
+        return 0
+    node = new_node_keys(args.directory)
+    print(f"node private key (mode 0600, stays here): {node.private_key}")
+    print(f"node public key (give to the coordinator): {node.public_key}")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedqf.keys import new_certificates
+
+    made = new_certificates(args.directory, args.hosts, days=args.days)
+    print(f"CA certificate (give to institutions): {made.ca_cert}")
+    print(f"coordinator certificate: {made.server_cert} (hosts: {', '.join(args.hosts)})")
+    print(f"coordinator key (mode 0600): {made.server_key}")
+    return 0
+
+
+def _split_address(text: str, *, flag: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise FedqfError(f"{flag} {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from fedqf.config import load_config
+    from fedqf.deployment import CoordinatorSettings, node_keys_from, run_coordinator
+
+    config = load_config(args.federation, args.overrides)
+    host, port = _split_address(args.address, flag="--address")
+    out_dir: Path = args.out or Path("runs") / f"{config.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedqfError(f"{out_dir}: the run directory is not empty; expected a new or empty directory")
+    settings = CoordinatorSettings(
+        config=config, certs_dir=args.certs, public_context=args.context,
+        node_public_keys=node_keys_from(args.node_keys), out_dir=out_dir, host=host, port=port,
+        health_address=args.health or None,
+    )
+    run_coordinator(settings, printer=lambda line: print(line, flush=True))
+    _print_table(out_dir)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return EXIT_INCOMPLETE if summary.get("stopped_reason") else 0
+
+
+def _institution(args: argparse.Namespace) -> int:
+    from fedqf.config import load_config
+    from fedqf.deployment import InstitutionSettings, run_institution
+
+    config = load_config(args.federation, args.overrides)
+    settings = InstitutionSettings(
+        config=config, name=args.name, data_file=args.data, context=args.context, node_key=args.node_key,
+        ca_cert=args.ca, superlink=args.superlink, state_dir=args.state, health_address=args.health,
+        retry_seconds=args.retry_seconds,
+    )
+    return run_institution(settings, printer=lambda line: print(line, flush=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedqf` console script; a FedqfError is one line on stderr and a non-zero exit."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -124,6 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "keys":
+            return _keys(args)
+        if args.command == "certs":
+            return _certs(args)
+        if args.command == "coordinator":
+            return _coordinator(args)
+        if args.command == "institution":
+            return _institution(args)
     except FedqfError as exc:
         sys.stderr.write(f"fedqf: error: {exc}\n")
         return exc.exit_code

@@ -70,6 +70,10 @@ class DataSection:
 class ModelSection:
     name: ModelName = ModelName.MLP
     hidden: tuple[int, ...] = (32,)
+    # Input and output sizes. A simulation reads them off its data source (0); a deployed coordinator holds no
+    # data, so a deployment's file must set them, and every institution's table is checked against them.
+    num_features: int = 0
+    num_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.alpha": (0, None, False, True),
     "data.test_fraction": (0, 1, True, False),
     "data.validation_fraction": (0, 1, True, False),
+    "model.num_features": (0, None, True, True),
+    "model.num_classes": (0, None, True, True),
     "training.local_epochs": (1, 10_000, True, True),
     "training.batch_size": (1, None, True, True),
     "training.learning_rate": (0, None, False, True),

@@ -74,6 +74,13 @@ def _inputs_from(context: Context) -> CoordinatorInputs:
         except OSError as exc:
             raise FedqfError(f"{path}: cannot read the CKKS public context ({exc.strerror})") from exc
         public = load_public_context(data)  # refuses a context holding a secret key
+    if str(run_config.get("fedqf-mode", "simulation")) == "deployment":
+        # The coordinator holds no data: the model's shape comes from the federation file.
+        if config.model.num_features < 1 or config.model.num_classes < 2:
+            raise FedqfError(
+                f"{config.source}: a deployment needs 'model.num_features' >= 1 and 'model.num_classes' >= 2"
+            )
+        return CoordinatorInputs(config, out_dir, public, None, config.model.num_features, config.model.num_classes)
     base_dir = str(run_config.get("fedqf-base-dir", ""))
     shares = simulate_federation_data(
         config.data,

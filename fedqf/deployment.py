@@ -1,0 +1,284 @@
+"""`fedqf coordinator` and `fedqf institution`: a federation over the network on Flower's deployment runtime.
+
+The coordinator runs a SuperLink with TLS and node authentication, admits only registered institutions, and runs
+the same ServerApp as a simulation. An institution runs its long-lived service (data, model, privacy ledger, CKKS
+context) and a SuperNode whose per-message ClientApp relays to that service.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+
+from fedqf.config import FederationConfig, SecureAggregationMode, dump_config
+from fedqf.crypto import key_fingerprint, load_private_context, load_public_context
+from fedqf.data import InstitutionData, institution_data, read_table_file, table_from_frame
+from fedqf.errors import DataError, FederationError, FedqfError, KeyMaterialError
+from fedqf.keys import (
+    CA_CERT,
+    SERVER_CERT,
+    SERVER_KEY,
+    check_certificate,
+    check_node_private_key,
+    check_node_public_key,
+    read_file,
+)
+from fedqf.runtime import (
+    SuperLink,
+    TlsFiles,
+    flower_environment,
+    free_port,
+    last_error,
+    register_node,
+    start_superlink,
+    stop_process_group,
+    submit_run,
+)
+from fedqf.simulation import PROGRESS
+
+Printer = Callable[[str], None]
+
+
+# --- coordinator ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    config: FederationConfig
+    certs_dir: Path
+    public_context: Path | None
+    node_public_keys: tuple[Path, ...]
+    out_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 9092
+    health_address: str | None = "127.0.0.1:9098"
+
+
+def check_coordinator(settings: CoordinatorSettings) -> tuple[TlsFiles, str]:
+    """Everything a coordinator needs, checked before anything starts; returns the TLS files and key fingerprint."""
+    config = settings.config
+    tls = TlsFiles(settings.certs_dir / CA_CERT, settings.certs_dir / SERVER_CERT, settings.certs_dir / SERVER_KEY)
+    check_certificate(tls.ca_cert)
+    check_certificate(tls.server_cert)
+    read_file(tls.server_key, what="coordinator TLS key")
+    if config.model.num_features < 1 or config.model.num_classes < 2:
+        raise FedqfError(f"{config.source}: a deployment needs 'model.num_features' >= 1 and 'model.num_classes' >= 2")
+    if not settings.node_public_keys:
+        raise KeyMaterialError("no institution node keys given (--node-key FILE ...): nobody could be admitted")
+    for key in settings.node_public_keys:
+        check_node_public_key(key)
+    fingerprint = ""
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        if settings.public_context is None:
+            raise KeyMaterialError("a CKKS federation needs --context coordinator.ckks (from `fedqf keys new`)")
+        context = load_public_context(read_file(settings.public_context, what="CKKS public context"))
+        fingerprint = key_fingerprint(context)
+    return tls, fingerprint
+
+
+def run_coordinator(settings: CoordinatorSettings, *, printer: Printer = print) -> Path:
+    """Start the SuperLink (TLS, node authentication, health service), admit the registered institutions, run the
+    federation and write the run directory. Returns the run directory."""
+    tls, fingerprint = check_coordinator(settings)
+    config = settings.config
+    out_dir = settings.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fedqf-coordinator-"))
+    os.chmod(work, 0o700)
+    superlink: SuperLink | None = None
+    try:
+        if fingerprint:
+            printer(f"fedqf: CKKS public key fingerprint {fingerprint}")
+        superlink = start_superlink(
+            work, simulation=False, host=settings.host, port=settings.port, tls=tls, node_auth=True,
+            health_address=settings.health_address,
+        )
+        printer(f"fedqf: coordinator listening on {settings.host}:{settings.port} (TLS, node authentication on)"
+                + (f"; gRPC health on {settings.health_address}" if settings.health_address else ""))
+        for i, key in enumerate(settings.node_public_keys):
+            register_node(superlink, key, name=f"institution-{i}")
+        printer(f"fedqf: admitted {len(settings.node_public_keys)} institution node keys; waiting for "
+                f"{config.federation.required_institutions} institutions to connect")
+        config_path = work / "federation.toml"
+        config_path.write_text(dump_config(config))
+        run_config = {
+            "fedqf-config": str(config_path),
+            "fedqf-out": str(out_dir),
+            "fedqf-mode": "deployment",
+            "fedqf-public-context": str(settings.public_context.resolve()) if settings.public_context else "",
+        }
+        last = [""]
+
+        def relay(line: str) -> None:
+            if PROGRESS.search(line):
+                marker = line.find("fedqf: ")
+                text = line[marker:] if marker >= 0 else line.strip()
+                if text != last[0]:
+                    printer(text)
+                last[0] = text
+
+        lines = submit_run(superlink, work / "app", run_config=run_config, on_line=relay)
+        if not (out_dir / "summary.json").exists():
+            raise FederationError(f"the federation ended without a summary: {last_error(lines)}")
+        return out_dir
+    finally:
+        if superlink is not None:
+            superlink.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- institution -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstitutionSettings:
+    config: FederationConfig
+    name: str
+    data_file: Path
+    context: Path | None
+    node_key: Path
+    ca_cert: Path
+    superlink: str
+    state_dir: Path
+    health_address: str | None = None
+    retry_seconds: float = 300.0
+
+
+def load_institution_data(config: FederationConfig, data_file: Path) -> InstitutionData:
+    """Read the institution's table and check its schema against the federation before connecting."""
+    table = table_from_frame(read_table_file(data_file), target=config.data.target, where=str(data_file))
+    if config.model.num_features and table.num_features != config.model.num_features:
+        raise DataError(
+            f"{data_file}: {table.num_features} feature columns, expected {config.model.num_features} "
+            "(model.num_features of the federation)"
+        )
+    if config.model.num_classes and int(table.labels.max()) >= config.model.num_classes:
+        raise DataError(
+            f"{data_file}: label {int(table.labels.max())} out of range; expected classes 0..{config.model.num_classes - 1}"
+        )
+    num_classes = config.model.num_classes or table.num_classes
+    return institution_data(
+        table.features, table.labels, num_classes=num_classes,
+        validation_fraction=config.data.validation_fraction, rng=np.random.default_rng(config.federation.seed),
+    )
+
+
+def wait_for_coordinator(address: str, *, printer: Printer, max_seconds: float) -> None:
+    """Probe the coordinator with exponential backoff, saying so, until it accepts connections."""
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise FedqfError(f"--superlink {address!r}: expected HOST:PORT") from None
+    delay, waited = 1.0, 0.0
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3.0):
+                return
+        except OSError as exc:
+            if waited >= max_seconds:
+                raise FederationError(
+                    f"the coordinator at {address} is not reachable ({exc.strerror or exc}) after {waited:.0f} s"
+                ) from exc
+            printer(f"fedqf: coordinator at {address} is not reachable yet ({exc.strerror or exc}); "
+                    f"retrying in {delay:.0f} s")
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 30.0)
+
+
+def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
+                    stop: Callable[[], bool] | None = None) -> int:
+    """Start the institution service and its SuperNode, and supervise both until the SuperNode ends or a signal.
+
+    Every input is checked first (data schema, CKKS context, node key, CA certificate); a bad one is a FedqfError
+    before anything connects.
+    """
+    from flwr.common.logger import log
+
+    from fedqf.institution import Institution
+    from fedqf.service import InstitutionService, serve
+
+    config = settings.config
+    data = load_institution_data(config, settings.data_file)
+    secret = None
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        if settings.context is None:
+            raise KeyMaterialError("a CKKS federation needs --context institution.ckks (from `fedqf keys new`)")
+        secret = load_private_context(read_file(settings.context, what="CKKS institution context"))
+        printer(f"fedqf: CKKS public key fingerprint {key_fingerprint(secret)}")
+    check_node_private_key(settings.node_key)
+    check_certificate(settings.ca_cert)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o700)
+    institution = Institution(config, data, settings.name, 0, secret)
+    service = InstitutionService(institution, settings.state_dir)
+    eps = service.state.ledger.epsilon(delta=config.privacy.delta) if service.state.ledger.total_steps else 0.0
+    printer(f"fedqf: {settings.name}: {len(data.train)} training and {len(data.validation)} validation records; "
+            f"epsilon spent so far {eps:.4f} of {config.privacy.target_epsilon}")
+    socket_path = settings.state_dir / "service.sock"
+    socket_path.unlink(missing_ok=True)
+    address = f"unix://{socket_path.resolve()}"
+    running = serve(service, address)
+    extra = serve(service, settings.health_address) if settings.health_address else None
+    supernode: subprocess.Popen[bytes] | None = None
+    stopping = [False]
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping[0] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        wait_for_coordinator(settings.superlink, printer=printer, max_seconds=settings.retry_seconds)
+        env = flower_environment({"FLWR_HOME": str(settings.state_dir / "flwr-home")})
+        command = [
+            "flower-supernode",
+            "--superlink", settings.superlink,
+            "--root-certificates", str(settings.ca_cert.resolve()),
+            "--auth-supernode-private-key", str(settings.node_key.resolve()),
+            "--node-config", f'fedqf-service="{address}" institution="{settings.name}"',
+            "--port", str(free_port()),
+            "--max-wait-time", str(int(settings.retry_seconds)),
+        ]  # fmt: skip
+        log_path = settings.state_dir / "supernode.log"
+        with log_path.open("ab") as handle:
+            supernode = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        printer(f"fedqf: {settings.name}: SuperNode started, connecting to {settings.superlink} over TLS")
+        log(INFO, "institution service at %s", address)
+        while supernode.poll() is None and not stopping[0] and not (stop is not None and stop()):
+            time.sleep(0.5)
+        if supernode.poll() is not None and not stopping[0]:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise FederationError(f"the SuperNode exited (code {supernode.returncode}): {' | '.join(tail)}")
+        return 0
+    finally:
+        if supernode is not None:
+            stop_process_group(supernode)
+        running.stop()
+        if extra is not None:
+            extra.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def node_keys_from(paths: Sequence[Path]) -> tuple[Path, ...]:
+    """Expand directories into the node.pub files they hold."""
+    keys: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            keys.extend(sorted(path.glob("*.pub")) or sorted(path.glob("*/node.pub")))
+        else:
+            keys.append(path)
+    return tuple(keys)

@@ -1,0 +1,245 @@
+"""Flower's runtime processes, started and stopped for fedqf: SuperLink, SuperNode, and `flwr run` submissions."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedqf.errors import FederationError
+
+APP_MANIFEST = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedqf-app"
+version = "0.1.0"
+description = "fedqf federation"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedqf"
+
+[tool.flwr.app.components]
+serverapp = "fedqf.server_app:app"
+clientapp = "fedqf.client_app:app"
+
+[tool.flwr.app.config]
+fedqf-config = ""
+fedqf-out = ""
+fedqf-public-context = ""
+fedqf-secret-context = ""
+fedqf-base-dir = ""
+fedqf-mode = "simulation"
+"""
+
+CONNECTION = "fedqf"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def flower_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: telemetry and update checks off, this Python's tools on PATH."""
+    env = dict(os.environ)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+    env["RAY_DEDUP_LOGS"] = "0"
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning,ignore::FutureWarning"
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_group(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM the process's group (it and what it started), then SIGKILL whatever is left after `grace`."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if process.poll() is None:
+        process.wait(timeout=grace)
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The coordinator's TLS material: its certificate and key, and the CA that signed it."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass
+class SuperLink:
+    """A running `flower-superlink` and the `flwr` CLI configuration that reaches it."""
+
+    process: subprocess.Popen[bytes]
+    address: str  # host:port of its HTTP API (Fleet and Control)
+    flwr_home: Path
+    log_path: Path
+    env: dict[str, str]
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
+def _wait_ready(superlink: SuperLink, *, scheme: str, ca_cert: Path | None, timeout: float) -> None:
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
+    deadline = time.monotonic() + timeout
+    host, port = superlink.address.rsplit(":", 1)
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    while time.monotonic() < deadline:
+        if superlink.process.poll() is not None:
+            tail = superlink.log_path.read_text(errors="replace")[-1500:]
+            raise FederationError(f"the SuperLink exited at start (code {superlink.process.returncode}): {tail.strip()}")
+        try:
+            with urllib.request.urlopen(f"{scheme}://{probe_host}:{port}/health", timeout=1.0, context=context) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise FederationError(f"the SuperLink did not answer on {superlink.address} within {timeout:.0f} s")
+
+
+def start_superlink(
+    work: Path,
+    *,
+    simulation: bool,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    tls: TlsFiles | None = None,
+    node_auth: bool = False,
+    health_address: str | None = None,
+    timeout: float = 60.0,
+) -> SuperLink:
+    """Start a SuperLink (telemetry and runtime dependency installation off) and wait until it answers.
+
+    Without `tls` it is only ever bound to loopback: fedqf never serves plaintext on a network interface.
+    """
+    if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
+        raise FederationError(f"refusing to serve the SuperLink without TLS on {host}; give it certificates")
+    port = port or free_port()
+    flwr_home = work / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    lines = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]", f'address = "{connect_host}:{port}"']
+    lines.append(f'root-certificates = "{tls.ca_cert.resolve()}"' if tls else "insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    env = flower_environment({"FLWR_HOME": str(flwr_home)})
+    command = [
+        "flower-superlink",
+        "--isolation", "subprocess",
+        "--host", host,
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+        "--database", str(work / "superlink.db") if not simulation else ":flwr-in-memory:",
+    ]  # fmt: skip
+    if simulation:
+        command.append("--simulation")
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-certfile", str(tls.server_cert.resolve()), "--ssl-keyfile", str(tls.server_key.resolve()),
+                    "--ssl-ca-certfile", str(tls.ca_cert.resolve())]
+    if node_auth:
+        command.append("--enable-supernode-auth")
+    if health_address:
+        command += ["--health-server-address", health_address]
+    log_path = work / "superlink.log"
+    with log_path.open("wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=work,
+                                   start_new_session=True)
+    superlink = SuperLink(process, f"{connect_host}:{port}", flwr_home, log_path, env)
+    try:
+        _wait_ready(superlink, scheme="https" if tls else "http", ca_cert=tls.ca_cert if tls else None, timeout=timeout)
+    except BaseException:
+        superlink.stop()
+        raise
+    return superlink
+
+
+def register_node(superlink: SuperLink, public_key: Path, *, name: str) -> None:
+    """Admit one institution: register its node-authentication public key with the SuperLink."""
+    result = subprocess.run(
+        ["flwr", "supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name],
+        env=superlink.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    if result.returncode != 0 or "registered successfully" not in result.stdout:
+        detail = strip_ansi(result.stdout + result.stderr).strip().splitlines()
+        raise FederationError(f"{public_key}: registering the institution's node key failed: "
+                              f"{detail[-1] if detail else 'no output'}")
+
+
+def _quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def submit_run(
+    superlink: SuperLink,
+    app_dir: Path,
+    *,
+    run_config: Mapping[str, str],
+    federation_config: str | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> list[str]:
+    """`flwr run APP --stream` against the SuperLink; returns the streamed log lines once the run ends."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_MANIFEST)
+    command: list[str] = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
+                          "--run-config", " ".join(f"{k}={_quote(v)}" for k, v in run_config.items())]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env,
+                              cwd=app_dir.parent, start_new_session=True)
+    assert runner.stdout is not None
+    lines: list[str] = []
+    try:
+        for raw in runner.stdout:
+            line = strip_ansi(raw.decode(errors="replace").rstrip("\n"))
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+        runner.wait()
+    finally:
+        stop_process_group(runner)
+    return lines
+
+
+def last_error(lines: Sequence[str]) -> str:
+    errors = [ln for ln in lines if "ERROR" in ln or "failed" in ln or "Error" in ln]
+    return errors[-1].strip() if errors else (lines[-1].strip() if lines else "no output")
