@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +29,8 @@ if str(REPO) not in sys.path:
 
 from fedqf.config import FederationConfig, dump_config, load_config  # noqa: E402
 from fedqf.errors import FederationError  # noqa: E402
-from fedqf.simulation import (  # noqa: E402
-    free_port,
-    run_simulation,
-    sandbox_default_path,
-    stop_process_group,
-    telemetry_off_environment,
-)
+from fedqf.runtime import CONNECTION, SuperLink, start_superlink  # noqa: E402
+from fedqf.simulation import run_simulation, sandbox_default_path  # noqa: E402
 
 _STOCK_MANIFEST = """\
 [build-system]
@@ -96,64 +89,40 @@ def run_fedqf(config: FederationConfig, out_dir: Path) -> RunTimes:
                     float(summary["final_accuracy"]))
 
 
-def _wait_for_health(port: int, process: subprocess.Popen[bytes], log_path: Path, *, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FederationError(f"the SuperLink exited at start: {log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    raise FederationError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
-
-
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
-    """Run benchmarks/stock_flower_app.py the way fedqf.simulation runs fedqf's app (same SuperLink flags)."""
+    """Run benchmarks/stock_flower_app.py the way fedqf.simulation runs fedqf's app (the same `start_superlink`)."""
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / "stock.json"
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fedqf-bench-"))
-    superlink: subprocess.Popen[bytes] | None = None
+    superlink: SuperLink | None = None
+    saved_pythonpath = os.environ.get("PYTHONPATH")
     try:
         config_path = work / "federation.toml"
         config_path.write_text(dump_config(config))
         app_dir = work / "app"
         app_dir.mkdir()
+        # fedqf.runtime.submit_run would write fedqf's own manifest: the stock app needs its own.
         (app_dir / "pyproject.toml").write_text(_STOCK_MANIFEST)
-        flwr_home = work / "flwr-home"
-        flwr_home.mkdir()
-        http_port, control_port, fleet_port = free_port(), free_port(), free_port()
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-        )
         # benchmarks/ itself goes on PYTHONPATH (the ServerApp and every Ray worker inherit the SuperLink's
         # environment): `benchmarks.stock_flower_app` would not import, as opacus 1.6.0 installs a top-level
-        # `benchmarks` package whose __init__.py wins over this repo's namespace directory.
-        pythonpath = os.pathsep.join(
-            p for p in (str(REPO / "benchmarks"), str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        # `benchmarks` package whose __init__.py wins over this repo's namespace directory. start_superlink
+        # builds its environment from os.environ, so PYTHONPATH is set there for the duration of the start.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "benchmarks"), str(REPO), saved_pythonpath or "") if p
         )
-        env = telemetry_off_environment({"FLWR_HOME": str(flwr_home), "PYTHONPATH": pythonpath})
-        log_path = work / "superlink.log"
-        with log_path.open("wb") as log_handle:
-            superlink = subprocess.Popen(
-                [
-                    "flower-superlink", "--simulation", "--insecure", "--isolation", "subprocess",
-                    "--host", "127.0.0.1", "--port", str(http_port),
-                    "--control-api-address", f"127.0.0.1:{control_port}",
-                    "--fleet-api-address", f"127.0.0.1:{fleet_port}",
-                    "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:",
-                ],
-                stdout=log_handle, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
-            )  # fmt: skip
-        _wait_for_health(http_port, superlink, log_path)
+        try:
+            superlink = start_superlink(work, simulation=True)
+        finally:
+            if saved_pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved_pythonpath
         run_config = " ".join(f"{k}={_quote(v)}" for k, v in
                               {"bench-config": str(config_path), "bench-out": str(result_path)}.items())
         federation = (
@@ -162,9 +131,9 @@ def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
             f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
         )
         runner = subprocess.run(
-            ["flwr", "run", str(app_dir), "bench", "--stream", "--run-config", run_config,
+            ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config,
              "--federation-config", federation],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work, check=False,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env, cwd=work, check=False,
         )  # fmt: skip
         (out_dir / "stock.log").write_bytes(runner.stdout)
         if not result_path.exists():
@@ -172,7 +141,7 @@ def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
             raise FederationError(f"the stock Flower run wrote no result (see {out_dir / 'stock.log'}):\n{tail}")
     finally:
         if superlink is not None:
-            stop_process_group(superlink)
+            superlink.stop()
         shutil.rmtree(work, ignore_errors=True)
     outer = time.perf_counter() - started
     result = json.loads(result_path.read_text())

@@ -50,6 +50,7 @@ class FederationSection:
     seed: int = 0
     min_institutions: int = 0  # 0 means "all institutions"
     round_timeout: float = 600.0
+    join_timeout: float = 120.0  # how long round 1 waits for every institution before starting with the minimum
 
     @property
     def required_institutions(self) -> int:
@@ -178,6 +179,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "federation.institutions": (1, 10_000, True, True),
     "federation.min_institutions": (0, 10_000, True, True),
     "federation.round_timeout": (0, None, False, True),
+    "federation.join_timeout": (0, None, True, True),
     "data.alpha": (0, None, False, True),
     "data.test_fraction": (0, 1, True, False),
     "data.validation_fraction": (0, 1, True, False),

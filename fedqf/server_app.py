@@ -109,6 +109,21 @@ def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, time
     raise FederationError("no institution released the final global model")
 
 
+def _wait_for_institutions(grid: Grid, config: FederationConfig) -> None:
+    """Give every institution up to `join_timeout` to connect; the minimum is then waited for by the strategy."""
+    expected = config.federation.institutions
+    deadline = time.monotonic() + config.federation.join_timeout
+    seen = -1
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected != seen:
+            log(INFO, "fedqf: %d/%d institutions connected", connected, expected)
+            seen = connected
+        if connected >= expected or time.monotonic() >= deadline:
+            return
+        time.sleep(1.0)
+
+
 def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     """Run all rounds with the configured strategy and write the run directory; returns the summary."""
     config = inputs.config
@@ -140,6 +155,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     if inputs.public_context is not None:
         log(INFO, "fedqf: CKKS public key fingerprint %s", fingerprint)
 
+    _wait_for_institutions(grid, config)
     round_started = [time.perf_counter()]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -1,0 +1,317 @@
+"""A real deployment on loopback: coordinator and institution daemons as processes, TLS, node auth, CKKS, DP-SGD."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedqf.rundir import read_csv
+from fedqf.runtime import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+FEDERATION = REPO / "sandboxes" / "deployment" / "federation.toml"
+OVERRIDES = ["--set", "federation.institutions=4", "--set", "federation.min_institutions=3",
+             "--set", "federation.join_timeout=90"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "fedqf.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    with log.open("wb") as handle:
+        return subprocess.Popen([sys.executable, "-m", "fedqf.cli", *args], cwd=cwd, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data for four hospitals, the federation's CKKS keys, a second (wrong) CKKS key set, node keys, certificates."""
+    work = tmp_path_factory.mktemp("deployment")
+    subprocess.run([sys.executable, str(REPO / "sandboxes" / "deployment" / "prepare.py"), str(work / "data"),
+                    "--institutions", "4"], check=True, capture_output=True)
+    for args in (["keys", "new", "keys"], ["keys", "new", "otherkeys"], ["certs", "new", "certs", "--host", "localhost",
+                 "--host", "127.0.0.1"], *(["keys", "node", f"node{i}"] for i in range(5))):
+        result = cli(*args, cwd=work)
+        assert result.returncode == 0, result.stderr
+    return work
+
+
+def test_key_material_is_private_where_it_must_be(material: Path) -> None:
+    assert (material / "keys" / "institution.ckks").stat().st_mode & 0o777 == 0o600
+    assert (material / "certs" / "server.key").stat().st_mode & 0o777 == 0o600
+    assert (material / "certs" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (material / "node0" / "node.key").stat().st_mode & 0o777 == 0o600
+    fingerprint = (material / "keys" / "fingerprint.txt").read_text().strip()
+    assert len(fingerprint) == 64 and fingerprint != (material / "otherkeys" / "fingerprint.txt").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def federation_run(material: Path) -> Iterator[tuple[Path, dict[str, str], int]]:
+    """Coordinator + three good institutions + one under the wrong CKKS key + one whose node key is not registered."""
+    port, health = free_port(), free_port()
+    out = material / "run"
+    coordinator = start(
+        ["coordinator", str(FEDERATION), *OVERRIDES, "--certs", "certs", "--context", "keys/coordinator.ckks",
+         *[a for i in range(4) for a in ("--node-key", f"node{i}/node.pub")],
+         "--address", f"127.0.0.1:{port}", "--health", f"127.0.0.1:{health}", "--out", str(out)],
+        material, material / "coordinator.log",
+    )
+    institutions = []
+    for i in range(5):
+        keys = "otherkeys" if i == 3 else "keys"
+        institutions.append(start(
+            ["institution", str(FEDERATION), *OVERRIDES, "--name", f"hospital-{i}",
+             "--data", f"data/hospital-{min(i, 3)}.csv", "--context", f"{keys}/institution.ckks",
+             "--node-key", f"node{i}/node.key", "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}",
+             "--state", f"state{i}", "--retry-seconds", "120"],
+            material, material / f"institution{i}.log",
+        ))
+    observations: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 400
+        probed = False
+        while coordinator.poll() is None and time.monotonic() < deadline:
+            if not probed and "admitted" in (material / "coordinator.log").read_text(errors="replace"):
+                observations.update(_probe_transport(port, health, material))
+                probed = True
+            time.sleep(1)
+        yield out, observations, coordinator.wait(timeout=5)
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+
+
+def _probe_transport(port: int, health: int, material: Path) -> dict[str, str]:
+    """While the coordinator runs: a plaintext client, a TLS 1.2-only client, and the health service."""
+    from fedqf.service import check_health
+
+    found: dict[str, str] = {}
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        found["plaintext"] = f"answered {connection.getresponse().status}"
+    except (OSError, http.client.HTTPException) as exc:
+        found["plaintext"] = f"refused: {type(exc).__name__}"
+    context = ssl.create_default_context(cafile=str(material / "certs" / "ca.crt"))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+        connection.request("GET", "/health")
+        found["tls12"] = f"answered {connection.getresponse().status}"
+    except (OSError, http.client.HTTPException) as exc:
+        found["tls12"] = f"refused: {type(exc).__name__}"
+    found["health"] = check_health(f"127.0.0.1:{health}")
+    return found
+
+
+def test_deployment_completes_three_rounds_with_ckks_and_dp(federation_run: tuple[Path, dict[str, str], int]) -> None:
+    out, _, code = federation_run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    assert summary["secure_aggregation"] == "ckks"
+    assert 0 < summary["epsilon"] <= 3.0
+    assert summary["final_accuracy"] >= 0.9
+    assert {p.name for p in out.iterdir()} == {"history.csv", "institutions.csv", "summary.json", "model.pt"}
+    rows = read_csv(out / "institutions.csv")
+    good = [r for r in rows if r["institution"] in ("hospital-0", "hospital-1", "hospital-2")]
+    assert len(good) == 9 and {r["status"] for r in good} == {"ok"}
+    for name in ("hospital-0", "hospital-1", "hospital-2"):
+        accountant = RDPAccountant()
+        for row in sorted((r for r in good if r["institution"] == name), key=lambda r: int(r["round"])):
+            accountant.history.append((float(row["noise_multiplier"]), float(row["sample_rate"]), int(row["steps"])))
+            assert float(row["epsilon"]) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_update_under_a_wrong_ckks_key_is_rejected_and_rounds_go_on(
+    federation_run: tuple[Path, dict[str, str], int],
+) -> None:
+    out, _, _ = federation_run
+    rows = [r for r in read_csv(out / "institutions.csv") if r["institution"] == "hospital-3"]
+    assert rows, "the institution under the wrong key should have answered"
+    assert rows[0]["status"] == "rejected" and "encrypted under key" in rows[0]["reason"]
+    assert all(r["status"] != "ok" for r in rows)
+
+
+def test_unregistered_institution_is_never_admitted(federation_run: tuple[Path, dict[str, str], int],
+                                                    material: Path) -> None:
+    out, _, _ = federation_run
+    assert all(r["institution"] != "hospital-4" for r in read_csv(out / "institutions.csv"))
+    assert not (material / "state4" / "state.json").exists()
+
+
+def test_plaintext_client_is_refused_and_health_is_served(federation_run: tuple[Path, dict[str, str], int]) -> None:
+    _, observations, _ = federation_run
+    assert observations["plaintext"].startswith("refused") or observations["plaintext"] == "answered 400"
+    assert observations["health"] == "SERVING"
+    # Flower's SuperLink (uvicorn) offers no setting for the lowest TLS version; README says so. Record it.
+    assert observations["tls12"].startswith(("answered", "refused"))
+
+
+def test_no_secret_reaches_logs_or_run_directory(federation_run: tuple[Path, dict[str, str], int],
+                                                 material: Path) -> None:
+    out, _, _ = federation_run
+    secret_markers = [(material / "node0" / "node.key").read_text().splitlines()[1][:40],
+                      (material / "certs" / "server.key").read_text().splitlines()[1][:40]]
+    texts = [p.read_text(errors="replace") for p in material.glob("*.log")]
+    texts += [p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".csv", ".json")]
+    assert not any(marker in text for marker in secret_markers for text in texts)
+
+
+# --- an institution's privacy state survives a kill -------------------------------------------------------
+
+
+def _instruction(material: Path, server_round: int) -> tuple[object, object]:
+    """A train instruction as the coordinator would send: plaintext w_0 for round 1, else an encrypted zero sum."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    import torch
+
+    from fedqf.config import load_config, dump_config
+    from fedqf.crypto import encrypt, load_private_context
+    from fedqf.model import ParameterLayout, build_model
+    from fedqf.protocol import AGGREGATE_ROUND, WEIGHT_SUM, encrypted_to_record
+
+    config = load_config(FEDERATION, OVERRIDES[1::2])
+    model = build_model(config.model, num_features=30, num_classes=2, generator=torch.Generator().manual_seed(7))
+    if server_round == 1:
+        arrays = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    else:
+        secret = load_private_context((material / "keys" / "institution.ckks").read_bytes())
+        zero = encrypt(secret, np.zeros(ParameterLayout.of(model).size), bound=1.0)
+        arrays = encrypted_to_record(zero, extra={AGGREGATE_ROUND: np.array([server_round - 1]),
+                                                  WEIGHT_SUM: np.array([1.0])})
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({"fedqf.federation": dump_config(config),
+                                                                  "server-round": server_round})}), config
+
+
+def test_restarted_institution_keeps_its_spent_epsilon(material: Path) -> None:
+    from fedqf.service import wait_healthy
+    from fedqf.service_client import call_institution_service
+
+    dead_port = free_port()  # no coordinator: the daemon keeps retrying while its service answers
+    state = material / "restart-state"
+    args = ["institution", str(FEDERATION), *OVERRIDES, "--name", "hospital-r", "--data", "data/hospital-0.csv",
+            "--context", "keys/institution.ckks", "--node-key", "node0/node.key", "--ca", "certs/ca.crt",
+            "--superlink", f"127.0.0.1:{dead_port}", "--state", str(state), "--retry-seconds", "600"]
+    address = f"unix://{(state / 'service.sock').resolve()}"
+    daemon = start(args, material, material / "restart1.log")
+    try:
+        wait_healthy(address, timeout=60)
+        content, _ = _instruction(material, 1)
+        first = call_institution_service(address, "train", content)  # type: ignore[arg-type]
+        eps1 = float(first["metrics"]["epsilon"])  # type: ignore[index]
+        assert eps1 > 0
+    finally:
+        kill(daemon, signal.SIGKILL)  # no chance to clean up
+    assert "retrying" in (material / "restart1.log").read_text()
+    daemon = start(args, material, material / "restart2.log")
+    try:
+        wait_healthy(address, timeout=60)
+        assert "epsilon spent so far" in (material / "restart2.log").read_text()
+        content, _ = _instruction(material, 2)
+        second = call_institution_service(address, "train", content)  # type: ignore[arg-type]
+        eps2 = float(second["metrics"]["epsilon"])  # type: ignore[index]
+        noise = float(second["metrics"]["noise-multiplier"])  # type: ignore[index]
+        rate = float(second["metrics"]["sample-rate"])  # type: ignore[index]
+        steps = int(second["metrics"]["steps"])  # type: ignore[index]
+        accountant = RDPAccountant()
+        accountant.history.append((noise, rate, 2 * steps))
+        assert eps2 == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+        assert eps2 > eps1
+    finally:
+        kill(daemon)
+
+
+# --- bad input: one line, non-zero exit, before anything connects -----------------------------------------
+
+
+def _institution_args(material: Path, data: str, **swap: str) -> list[str]:
+    base = {"--data": data, "--context": "keys/institution.ckks", "--node-key": "node0/node.key",
+            "--ca": "certs/ca.crt"}
+    base.update(swap)
+    args = ["institution", str(FEDERATION), *OVERRIDES, "--name", "h", "--superlink", "127.0.0.1:1",
+            "--state", "bad-state", "--retry-seconds", "0"]
+    for key, value in base.items():
+        args += [key, value]
+    return args
+
+
+@pytest.mark.parametrize(
+    ("mutate", "swap", "expected"),
+    [
+        ("drop-target", {}, "target column 'target' is missing"),
+        ("text-feature", {}, "feature columns must be numeric; not numeric: mean_radius"),
+        ("missing-value", {}, "missing values in columns mean_texture"),
+        ("", {"--node-key": "absent/node.key"}, "absent/node.key: node private key not found"),
+        ("", {"--ca": "absent.crt"}, "absent.crt: certificate not found"),
+        ("", {"--context": "keys/coordinator.ckks"}, "secret key"),
+        ("", {}, "coordinator at 127.0.0.1:1 is not reachable"),
+    ],
+)
+def test_institution_bad_input_is_one_line(material: Path, mutate: str, swap: dict[str, str], expected: str) -> None:
+    frame = pd.read_csv(material / "data" / "hospital-0.csv")
+    if mutate == "drop-target":
+        frame = frame.drop(columns=["target"])
+    elif mutate == "text-feature":
+        frame["mean_radius"] = "big"
+    elif mutate == "missing-value":
+        frame.loc[3, "mean_texture"] = np.nan
+    frame.to_csv(material / "bad.csv", index=False)
+    result = cli(*_institution_args(material, "bad.csv", **swap), cwd=material)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("swap", "expected"),
+    [
+        ({"--context": "keys/institution.ckks"}, "must not hold a secret key"),
+        ({"--certs": "absent"}, "absent/ca.crt: certificate not found"),
+        ({"--node-key": "absent.pub"}, "absent.pub: node public key not found"),
+    ],
+)
+def test_coordinator_bad_input_is_one_line(material: Path, swap: dict[str, str], expected: str) -> None:
+    base = {"--certs": "certs", "--context": "keys/coordinator.ckks", "--node-key": "node0/node.pub"}
+    base.update(swap)
+    args = ["coordinator", str(FEDERATION), "--address", f"127.0.0.1:{free_port()}", "--health", "",
+            "--out", "bad-run"]
+    for key, value in base.items():
+        args += [key, value]
+    result = cli(*args, cwd=material)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (material / "bad-run" / "summary.json").exists()
