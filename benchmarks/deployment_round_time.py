@@ -123,7 +123,8 @@ class RssSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -150,6 +151,17 @@ def prepare(work: Path, *, institutions: int) -> None:
     for k in range(institutions):
         _check([FEDQF, "keys", "node", f"node{k}"], cwd=work)
     _check([FEDQF, "certs", "new", "certs", "--host", "localhost", "--host", "127.0.0.1"], cwd=work)
+
+
+def _wait_for_line(log: Path, marker: str, process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise FederationError(f"{log}: exited with code {process.returncode} before {marker!r}")
+        time.sleep(0.1)
+    raise FederationError(f"{log}: no {marker!r} within {timeout:.0f} s")
 
 
 @dataclass
@@ -186,6 +198,10 @@ def run_fedqf(work: Path, *, institutions: int, overrides: Sequence[str], timeou
                 cwd=work, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         processes.append(coordinator)
+        # Start the institutions only once the coordinator has registered their node keys: a SuperNode that
+        # reaches the SuperLink before its key is registered fails activation (Flower exit code 305) and its
+        # `fedqf institution` exits instead of retrying (see RESULTS.md).
+        _wait_for_line(logs / "coordinator.log", "admitted", coordinator, timeout=120.0)
         for k in range(institutions):
             with (logs / f"institution-{k}.log").open("wb") as handle:
                 process = subprocess.Popen(

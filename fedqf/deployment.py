@@ -43,6 +43,7 @@ from fedqf.runtime import (
     register_node,
     start_superlink,
     stop_process_group,
+    strip_ansi,
     submit_run,
 )
 from fedqf.simulation import PROGRESS
@@ -252,16 +253,30 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             "--max-wait-time", str(int(settings.retry_seconds)),
         ]  # fmt: skip
         log_path = settings.state_dir / "supernode.log"
-        with log_path.open("ab") as handle:
-            supernode = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        printer(f"fedqf: {settings.name}: SuperNode started, connecting to {settings.superlink} over TLS")
-        log(INFO, "institution service at %s", address)
-        while supernode.poll() is None and not stopping[0] and not (stop is not None and stop()):
-            time.sleep(0.5)
-        if supernode.poll() is not None and not stopping[0]:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise FederationError(f"the SuperNode exited (code {supernode.returncode}): {' | '.join(tail)}")
+        delay, failing_since = 1.0, None
+        while not stopping[0] and not (stop is not None and stop()):
+            with log_path.open("ab") as handle:
+                supernode = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)
+            printer(f"fedqf: {settings.name}: SuperNode started, connecting to {settings.superlink} over TLS")
+            log(INFO, "institution service at %s", address)
+            started = time.monotonic()
+            while supernode.poll() is None and not stopping[0] and not (stop is not None and stop()):
+                time.sleep(0.5)
+            if supernode.poll() is None or stopping[0]:
+                break
+            # The SuperNode gave up: the coordinator is not up, or has not admitted this node's key (yet).
+            if time.monotonic() - started > 60:
+                delay, failing_since = 1.0, None
+            failing_since = failing_since or started
+            tail = [strip_ansi(ln).strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            reason = next((ln for ln in reversed(tail) if "Failed" in ln or "could not" in ln), tail[-1] if tail else "")
+            if time.monotonic() - failing_since > settings.retry_seconds:
+                raise FederationError(f"the SuperNode could not join the coordinator at {settings.superlink} "
+                                      f"for {settings.retry_seconds:.0f} s: {reason}")
+            printer(f"fedqf: {settings.name}: not admitted by the coordinator yet ({reason}); retrying in {delay:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
         return 0
     finally:
         if supernode is not None:
