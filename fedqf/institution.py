@@ -58,9 +58,9 @@ class Institution:
     secret_context: ts.Context | None
 
     def __post_init__(self) -> None:
-        if self.config.secure_aggregation.mode is SecureAggregationMode.CKKS:
-            if self.secret_context is None or not self.secret_context.is_private():
-                raise FedqfError("a CKKS federation needs the institutions' context with its secret key")
+        ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
+        if ckks and (self.secret_context is None or not self.secret_context.is_private()):
+            raise FedqfError("a CKKS federation needs the institutions' context with its secret key")
 
     def model(self) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(self.config.federation.seed)

@@ -127,7 +127,7 @@ def new_certificates(directory: Path, hosts: Sequence[str], *, days: int = 365) 
         raise KeyMaterialError("certs new: at least one --host is required (the names institutions use to reach the coordinator)")
     paths = [directory / CA_CERT, directory / CA_KEY, directory / SERVER_CERT, directory / SERVER_KEY]
     _refuse_overwrite(paths)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()

@@ -193,11 +193,10 @@ def test_no_secret_reaches_logs_or_run_directory(federation_run: tuple[Path, dic
 
 def _instruction(material: Path, server_round: int) -> tuple[object, object]:
     """A train instruction as the coordinator would send: plaintext w_0 for round 1, else an encrypted zero sum."""
+    import torch
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    import torch
-
-    from fedqf.config import load_config, dump_config
+    from fedqf.config import dump_config, load_config
     from fedqf.crypto import encrypt, load_private_context
     from fedqf.model import ParameterLayout, build_model
     from fedqf.protocol import AGGREGATE_ROUND, WEIGHT_SUM, encrypted_to_record
