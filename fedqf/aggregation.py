@@ -154,6 +154,9 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
         reports.append(report)
     if setup.observer is not None:
         setup.observer.record_train(server_round, reports)
+        validation = validation_from_reports(server_round - 1, reports)
+        if validation is not None and server_round > 1:
+            setup.observer.record_evaluation(server_round - 1, validation)
     ok_reports = [r for r in reports if r.status is ReplyStatus.OK]
     log(INFO, "round %d: %d of %d institutions' updates accepted", server_round, len(ok_reports), len(reports))
     if not accepted:
@@ -184,6 +187,32 @@ def finish_train(setup: AggregationSetup, server_round: int, outcome: TrainAggre
         )
     if setup.observer is not None:
         setup.observer.record_aggregate(server_round, arrays)
+
+
+def validation_from_reports(model_round: int, reports: Sequence[InstitutionReport]) -> MetricRecord | None:
+    """Weighted validation loss and accuracy of the round-`model_round` global model, from train replies."""
+    total = loss = accuracy = 0.0
+    for report in reports:
+        m = report.metrics
+        if m.get("val-round") != float(model_round):
+            continue
+        n, l, a = m.get("val-examples", 0.0), m.get("val-loss", math.nan), m.get("val-accuracy", math.nan)
+        if n <= 0 or not math.isfinite(l) or not 0.0 <= a <= 1.0:
+            continue
+        total += n
+        loss += l * n
+        accuracy += a * n
+    if total == 0:
+        return None
+    return MetricRecord({"loss": loss / total, "accuracy": accuracy / total, "num-examples": int(total)})
+
+
+def no_separate_evaluation(strategy: object, server_round: int, arrays: ArrayRecord, config: object,
+                           grid: object) -> list[Message]:
+    """configure_evaluate of fedqf's strategies: institutions validate each new global model when it arrives
+    with the next train instruction, so a round costs one message exchange, not two; the coordinator sends one
+    evaluate instruction after the last round."""
+    return []
 
 
 def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -248,9 +249,15 @@ def _institution(args: argparse.Namespace) -> int:
     return run_institution(settings, printer=lambda line: print(line, flush=True))
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedqf` console script; a FedqfError is one line on stderr and a non-zero exit."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # SIGTERM (a service manager stopping us) unwinds like Ctrl-C, so every child process is stopped on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "simulate":

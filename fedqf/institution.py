@@ -229,6 +229,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     proximal_mu = float(config_record.get("proximal-mu", 0.0)) if isinstance(config_record, ConfigRecord) else 0.0  # type: ignore[arg-type]
     train_data = inst.data.train
     metrics: dict[str, float] = {"num-examples": float(len(train_data))}
+    metrics.update(_validate(inst, global_arrays, model_round))
     dp: DpSgdSettings | None = None
     planned_steps = 0
     if config.privacy.mode is PrivacyMode.DP_SGD:
@@ -303,6 +304,17 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     log(INFO, "%s trained round %d: %d steps%s", inst.name, server_round, result.steps,
         f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "")
     return _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
+
+
+def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:
+    """Score the global model of `model_round` on the validation split (reported with the train reply)."""
+    model = inst.model()
+    set_arrays(model, arrays)
+    result = evaluate(model, inst.data.validation)
+    if result.num_examples == 0:
+        return {}
+    return {"val-round": float(model_round), "val-examples": float(result.num_examples), "val-loss": result.loss,
+            "val-accuracy": result.accuracy}
 
 
 def evaluate_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:

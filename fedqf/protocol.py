@@ -36,6 +36,12 @@ TRAIN_METRIC_KEYS = (
     "train-seconds",
     "encrypt-seconds",
     "bytes-sent",
+    # Validation of the global model the instruction carried (round val-round), measured on receipt: one
+    # message exchange per round instead of two.
+    "val-round",
+    "val-examples",
+    "val-loss",
+    "val-accuracy",
 )
 
 

@@ -91,6 +91,19 @@ def _inputs_from(context: Context) -> CoordinatorInputs:
     return CoordinatorInputs(config, out_dir, public, shares.test, shares.num_features, shares.num_classes)
 
 
+def _final_evaluation(grid: Grid, recorder: ProgressRecorder, config_text: str, timeout: float) -> None:
+    """One evaluate instruction after the last round: the validation score of the final global model."""
+    from fedqf.aggregation import aggregate_evaluate_replies
+
+    assert recorder.latest_arrays is not None
+    content = RecordDict({ARRAYS: recorder.latest_arrays,
+                          CONFIG: ConfigRecord({FEDERATION_TOML: config_text, "server-round": recorder.latest_round})})
+    messages = [Message(content, message_type=MessageType.EVALUATE, dst_node_id=node)
+                for node in sorted(grid.get_node_ids())]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    recorder.record_evaluation(recorder.latest_round, aggregate_evaluate_replies(recorder.latest_round, replies))
+
+
 def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, timeout: float) -> ArrayRecord:
     """Ask the institutions, one at a time, to release the final global model in plaintext."""
     for node_id in sorted(grid.get_node_ids()):
@@ -188,6 +201,8 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     except FederationError as exc:
         stopped_reason = str(exc)
         log(WARNING, "fedqf: the federation ends early: %s", exc)
+    if recorder.latest_arrays is not None:
+        _final_evaluation(grid, recorder, config_text, config.federation.round_timeout)
     for row in pending_rows:
         r = row["round"]
         fed = recorder.evaluations.get(r)

@@ -14,6 +14,7 @@ from fedqf.aggregation import (
     aggregate_evaluate_replies,
     aggregate_train_replies,
     finish_train,
+    no_separate_evaluation,
     record_evaluation,
     weighted_mean_arrays,
 )
@@ -29,6 +30,7 @@ class FedAvg(FlowerFedAvg):
     """
 
     needs_individual_updates: ClassVar[bool] = False
+    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
         super().__init__(

@@ -15,6 +15,7 @@ from fedqf.aggregation import (
     aggregate_evaluate_replies,
     aggregate_train_replies,
     finish_train,
+    no_separate_evaluation,
     record_evaluation,
 )
 from fedqf.config import FederationConfig, SecureAggregationMode
@@ -46,6 +47,7 @@ class FedMedian(FlowerFedMedian):
     """Coordinate-wise median of the institutions' weights (Yin et al., 2018)."""
 
     needs_individual_updates: ClassVar[bool] = True
+    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
         _plain_only("fedmedian", setup)
@@ -68,6 +70,7 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
     """Coordinate-wise trimmed mean, dropping the `beta` fraction at each end (Yin et al., 2018)."""
 
     needs_individual_updates: ClassVar[bool] = True
+    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int, beta: float) -> None:
         _plain_only("fedtrimmedavg", setup)
@@ -91,6 +94,7 @@ class Krum(FlowerKrum):
     """Krum (Blanchard et al., 2017): the update closest to its n - f - 2 nearest neighbours."""
 
     needs_individual_updates: ClassVar[bool] = True
+    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int, num_malicious_nodes: int) -> None:
         _plain_only("krum", setup)
