@@ -55,6 +55,11 @@ class AggregationSetup:
     public_context: ts.Context | None = None
     fingerprint: str = ""
     observer: RoundObserver | None = None
+    encrypted_length: int = 0  # values per encrypted update: the model size, or its packed slot count
+
+    @property
+    def expected_length(self) -> int:
+        return self.encrypted_length or self.layout.size
 
     def __post_init__(self) -> None:
         if self.mode is SecureAggregationMode.CKKS:
@@ -132,7 +137,7 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
     weight_sum = 0.0
     if setup.mode is SecureAggregationMode.CKKS:
         assert setup.public_context is not None
-        running = EncryptedSum(setup.public_context, length=setup.layout.size, fingerprint=setup.fingerprint)
+        running = EncryptedSum(setup.public_context, length=setup.expected_length, fingerprint=setup.fingerprint)
     for message in replies:
         report = report_from_reply(message)
         if report.status is ReplyStatus.OK:
@@ -169,6 +174,7 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
             extra={
                 AGGREGATE_ROUND: np.array([server_round], dtype=np.int64),
                 WEIGHT_SUM: np.array([weight_sum], dtype=np.float64),
+                "fedqf.count": np.array([len(accepted)], dtype=np.int64),
             },
         )
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))

@@ -101,6 +101,11 @@ class SecureAggregationSection:
     scale_bits: int = 40
     delta_clip: float = 1.0
     weight_unit: int = 1000
+    # Packing (BatchCrypt-style): 0 sends one real per CKKS slot; b > 0 quantizes each weighted delta value in
+    # [-value_bound, value_bound] to b bits and packs several per slot with headroom for max_institutions.
+    quantization_bits: int = 0
+    value_bound: float = 0.5
+    max_institutions: int = 0  # 0 means federation.institutions
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "secure_aggregation.scale_bits": (20, 60, True, True),
     "secure_aggregation.delta_clip": (0, None, False, True),
     "secure_aggregation.weight_unit": (1, None, True, True),
+    "secure_aggregation.quantization_bits": (0, 24, True, True),
+    "secure_aggregation.value_bound": (0, None, False, True),
+    "secure_aggregation.max_institutions": (0, 10_000, True, True),
     "privacy.target_epsilon": (0, None, False, True),
     "privacy.delta": (0, 1, False, False),
     "privacy.max_grad_norm": (0, None, False, True),
@@ -323,13 +331,27 @@ def _cross_check(where: str, config: FederationConfig) -> None:
         from fedqf.crypto import CkksParameters
 
         try:
-            CkksParameters(
+            params = CkksParameters(
                 poly_modulus_degree=sa.poly_modulus_degree,
                 coeff_mod_bit_sizes=sa.coeff_mod_bit_sizes,
                 global_scale_bits=sa.scale_bits,
             )
         except Exception as exc:  # CryptoError, with the reason
             raise ConfigError(f"{where}: [secure_aggregation] parameters are invalid: {exc}") from exc
+        if sa.max_institutions and sa.max_institutions < fed.institutions:
+            raise ConfigError(
+                f"{where}: key 'secure_aggregation.max_institutions' ({sa.max_institutions}) must be >= "
+                f"federation.institutions ({fed.institutions}): the packing needs headroom for every contributor"
+            )
+        if sa.quantization_bits:
+            from fedqf.packing import PackingScheme
+
+            try:
+                PackingScheme.design(params, bits=sa.quantization_bits,
+                                     max_contributors=sa.max_institutions or fed.institutions,
+                                     value_bound=sa.value_bound)
+            except Exception as exc:
+                raise ConfigError(f"{where}: [secure_aggregation] packing cannot work: {exc}") from exc
 
 
 def config_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>") -> FederationConfig:

@@ -27,6 +27,7 @@ from fedqf.crypto import decrypt, encrypt, key_fingerprint
 from fedqf.data import InstitutionData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError
 from fedqf.model import ParameterLayout, build_model, set_arrays
+from fedqf.packing import scheme_for
 from fedqf.privacy import PrivacyLedger, PrivacyPlan, plan_for
 from fedqf.protocol import (
     ARRAYS,
@@ -159,6 +160,12 @@ def _training_generator(config: FederationConfig, index: int, server_round: int)
     return torch.Generator().manual_seed(config.federation.seed * 1_000_003 + index * 1009 + server_round)
 
 
+def _quantization_rng(config: FederationConfig, index: int, server_round: int) -> np.random.Generator:
+    if config.privacy.reproducible_noise or config.privacy.mode is PrivacyMode.NONE:
+        return np.random.default_rng([config.federation.seed, index, server_round, 17])
+    return np.random.default_rng()
+
+
 def resolve_global_model(inst: Institution, record: ArrayRecord, state: InstitutionState) -> tuple[int, Arrays]:
     """The global model w_t this instruction refers to, and t.
 
@@ -174,6 +181,7 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
         layout.flatten(arrays)  # checks every shape
         return max(state.model_round, 0), arrays
     aggregate_round, weight_sum = aggregate_meta(record)
+    contributors = int(record["fedqf.count"].numpy()[0]) if "fedqf.count" in record else 0
     if aggregate_round == state.model_round and state.global_arrays is not None:
         return state.model_round, state.global_arrays
     if aggregate_round != state.model_round + 1 or state.global_arrays is None:
@@ -185,7 +193,13 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
         raise FedqfError("an encrypted aggregate arrived but this institution has no CKKS secret context")
     if weight_sum <= 0:
         raise FedqfError(f"the aggregate's weight sum must be positive, got {weight_sum}")
-    total = decrypt(inst.secret_context, record_to_encrypted(record))
+    decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
+    scheme = scheme_for(inst.config)
+    if scheme is None:
+        total = decrypted
+    else:
+        field_sums = scheme.unpack(decrypted, layout.size)
+        total = scheme.dequantize_sum(field_sums, contributors=contributors)
     base = layout.flatten(state.global_arrays)
     return aggregate_round, layout.unflatten(base + total / weight_sum)
 
@@ -289,9 +303,21 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
         assert inst.secret_context is not None
         start = time.perf_counter()
-        delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays),
-                         config.secure_aggregation.delta_clip)
-        encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * config.secure_aggregation.delta_clip)
+        sa = config.secure_aggregation
+        delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
+        scheme = scheme_for(config)
+        if scheme is None:
+            encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * sa.delta_clip)
+        else:
+            if weight > 1.0:
+                raise FedqfError(
+                    f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
+                    "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
+                )
+            # Each coordinate within +-R, and weight <= 1 keeps weight * delta there too.
+            clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
+            quantized = scheme.quantize(weight * clipped, _quantization_rng(config, inst.index, server_round))
+            encrypted = encrypt(inst.secret_context, scheme.pack(quantized), bound=scheme.slot_bound)
         out = encrypted_to_record(encrypted)
         fingerprint = encrypted.fingerprint
         metrics["encrypt-seconds"] = time.perf_counter() - start

@@ -20,6 +20,7 @@ from fedqf.crypto import CkksParameters, key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError
 from fedqf.model import ParameterLayout, build_model, set_arrays
+from fedqf.packing import scheme_for
 from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
@@ -151,6 +152,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     layout = ParameterLayout.of(model)
     secure = config.secure_aggregation.mode
     fingerprint = key_fingerprint(inputs.public_context) if inputs.public_context is not None else ""
+    scheme = scheme_for(config)
     setup = AggregationSetup(
         mode=secure,
         layout=layout,
@@ -158,6 +160,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         public_context=inputs.public_context,
         fingerprint=fingerprint,
         observer=recorder,
+        encrypted_length=scheme.slots_needed(layout.size) if scheme is not None else 0,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     config_text = dump_config(config)
@@ -260,6 +263,17 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             "security_bits": params.security_bits,
             "key_fingerprint": fingerprint,
         }
+        if scheme is not None:
+            summary["ckks"]["packing"] = {
+                "quantization_bits": scheme.bits,
+                "values_per_slot": scheme.values_per_slot,
+                "field_bits": scheme.field_bits,
+                "max_institutions": scheme.max_contributors,
+                "value_bound": scheme.value_bound,
+            }
+        summary["ckks"]["bytes_per_parameter"] = (
+            scheme.bytes_per_parameter(params) if scheme is not None else 32.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
+        )
     refused = [r for r in recorder.institutions if r["status"] != ReplyStatus.OK.value]
     summary["refused_updates"] = len(refused)
     summary["stopped_reason"] = stopped_reason or None

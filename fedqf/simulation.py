@@ -20,6 +20,7 @@ from fedqf.config import FederationConfig, SecureAggregationMode, dump_config
 from fedqf.crypto import CkksParameters, generate_context, serialize_private_context, serialize_public_context
 from fedqf.errors import FederationError
 from fedqf.keys import write_public, write_secret
+from fedqf.packing import ckks_parameters_of
 from fedqf.runtime import last_error, start_superlink, submit_run
 
 # Lines of the Flower log worth relaying to the user as progress.
@@ -33,12 +34,7 @@ class SimulationResult:
 
 
 def ckks_parameters(config: FederationConfig) -> CkksParameters:
-    sa = config.secure_aggregation
-    return CkksParameters(
-        poly_modulus_degree=sa.poly_modulus_degree,
-        coeff_mod_bit_sizes=sa.coeff_mod_bit_sizes,
-        global_scale_bits=sa.scale_bits,
-    )
+    return ckks_parameters_of(config)
 
 
 def run_simulation(
