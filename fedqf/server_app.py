@@ -24,6 +24,7 @@ from fedqf.packing import scheme_for
 from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
+from fedqf.stream import StreamingGrid
 from fedqf.trainer import evaluate
 
 
@@ -288,7 +289,7 @@ app = ServerApp()
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
     try:
-        run_federation(grid, _inputs_from(context))
+        run_federation(StreamingGrid(grid), _inputs_from(context))
     except FedqfError as exc:
         log(WARNING, "fedqf: federation failed: %s", exc)
         raise

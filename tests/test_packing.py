@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedqf.config import config_from_dict
-from fedqf.crypto import CkksParameters, EncryptedSum, decrypt, encrypt, generate_context, key_fingerprint
-from fedqf.crypto import load_public_context, serialize_public_context
+from fedqf.crypto import (
+    CkksParameters,
+    EncryptedSum,
+    decrypt,
+    encrypt,
+    generate_context,
+    key_fingerprint,
+    load_public_context,
+    serialize_public_context,
+)
 from fedqf.errors import ConfigError, CryptoError
 from fedqf.packing import PackingScheme, reference_sum
 
