@@ -32,9 +32,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedqf.errors import FederationError  # noqa: E402
-from fedqf.runtime import CONNECTION, SuperLink, flower_environment, free_port, start_superlink  # noqa: E402
-from fedqf.runtime import stop_process_group  # noqa: E402
+from fedqf.errors import FederationError
+from fedqf.runtime import (
+    CONNECTION,
+    SuperLink,
+    flower_environment,
+    free_port,
+    start_superlink,
+    stop_process_group,
+)
 
 FEDERATION = REPO / "sandboxes" / "deployment" / "federation.toml"
 BIN = Path(sys.executable).parent
@@ -335,8 +341,8 @@ def machine() -> str:
 
 def stock_breakdown(stock: StockRun) -> list[str]:
     """Per round and message kind: when the ClientApp handlers ran relative to the round start, and their costs."""
-    lines = ["| round | kind | first handler entry after round start s | last handler entry s | process age at "
-             "entry s (mean) | import s (mean) | load CSV s (mean) | work s (mean) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| round | kind | first handler entry after round start s | last handler entry s | process age at "
+             "entry s (mean) | import s (mean) | load CSV s (mean) | work s (mean) |"), "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in stock.rounds:
         r = int(row["round"])
         for kind in ("train", "evaluate"):

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from deployment_round_time import FEDERATION, machine, prepare, run_fedqf  # noqa: E402
+from deployment_round_time import FEDERATION, machine, prepare, run_fedqf
 
 
 def main() -> None:

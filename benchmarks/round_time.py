@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedqf.config import FederationConfig, dump_config, load_config  # noqa: E402
-from fedqf.errors import FederationError  # noqa: E402
-from fedqf.runtime import CONNECTION, SuperLink, start_superlink  # noqa: E402
-from fedqf.simulation import run_simulation, sandbox_default_path  # noqa: E402
+from fedqf.config import FederationConfig, dump_config, load_config
+from fedqf.errors import FederationError
+from fedqf.runtime import CONNECTION, SuperLink, start_superlink
+from fedqf.simulation import run_simulation, sandbox_default_path
 
 _STOCK_MANIFEST = """\
 [build-system]

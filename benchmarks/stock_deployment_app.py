@@ -12,22 +12,22 @@ import time
 
 _IMPORT_STARTED = time.time()  # before torch and fedqf are imported: the per-message import cost
 
-import json  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import os
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from stock_flower_app import _evaluate, _loader
+from torch import nn
 
-from fedqf.config import FederationConfig, load_config  # noqa: E402
-from fedqf.data import Dataset, InstitutionData, institution_data, read_table_file, table_from_frame  # noqa: E402
-from fedqf.model import build_model  # noqa: E402
-from stock_flower_app import _evaluate, _loader  # noqa: E402
+from fedqf.config import FederationConfig, load_config
+from fedqf.data import Dataset, InstitutionData, institution_data, read_table_file, table_from_frame
+from fedqf.model import build_model
 
 _IMPORT_SECONDS = time.time() - _IMPORT_STARTED
 
@@ -66,7 +66,7 @@ def _institution(context: Context) -> tuple[FederationConfig, InstitutionData, i
     return config, data, index
 
 
-def _trace(context: Context, **row: float | int | str) -> None:
+def _trace(context: Context, **row: float | str) -> None:
     with open(str(context.run_config[TRACE_KEY]), "a") as handle:
         handle.write(json.dumps(row) + "\n")
 

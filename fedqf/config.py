@@ -65,6 +65,10 @@ class DataSection:
     target: str = "target"
     test_fraction: float = 0.2
     validation_fraction: float = 0.2
+    # source = "synthetic": scikit-learn's make_classification, generated locally from federation.seed
+    samples: int = 10_000
+    features: int = 64
+    classes: int = 10
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.alpha": (0, None, False, True),
     "data.test_fraction": (0, 1, True, False),
     "data.validation_fraction": (0, 1, True, False),
+    "data.samples": (10, 10_000_000, True, True),
+    "data.features": (2, 100_000, True, True),
+    "data.classes": (2, 1000, True, True),
     "model.num_features": (0, None, True, True),
     "model.num_classes": (0, None, True, True),
     "training.local_epochs": (1, 10_000, True, True),

@@ -120,9 +120,26 @@ def table_from_frame(frame: pd.DataFrame, *, target: str, where: str) -> Table:
     return Table(features, labels, max(int(labels.max()) + 1, 2))
 
 
-def load_table(section: DataSection, *, base_dir: Path | None = None) -> Table:
-    """Load `data.source`: 'sklearn:NAME' for a dataset scikit-learn ships, else a CSV/Parquet path."""
+def _synthetic(section: DataSection, seed: int) -> Table:
+    from sklearn.datasets import make_classification
+
+    features, labels = make_classification(
+        n_samples=section.samples,
+        n_features=section.features,
+        n_informative=max(2, min(section.features // 2, 32)),
+        n_classes=section.classes,
+        n_clusters_per_class=1,
+        random_state=seed,
+    )
+    return Table(features.astype(np.float32), labels.astype(np.int64), section.classes)
+
+
+def load_table(section: DataSection, *, base_dir: Path | None = None, seed: int = 0) -> Table:
+    """Load `data.source`: 'sklearn:NAME' for a dataset scikit-learn ships, 'synthetic' for a generated
+    classification task, else a CSV/Parquet path."""
     source = section.source
+    if source == "synthetic":
+        return _synthetic(section, seed)
     if source.startswith("sklearn:"):
         return _load_sklearn(source.split(":", 1)[1])
     path = Path(source)
@@ -231,7 +248,7 @@ def simulate_federation_data(
     the held-out test split is standardized with its own statistics, as an evaluator outside the
     federation would do.
     """
-    table = load_table(section, base_dir=base_dir)
+    table = load_table(section, base_dir=base_dir, seed=seed)
     rng = np.random.default_rng(seed)
     kept, held = _stratified_holdout(table.labels, section.test_fraction, rng)
     parts = partition_indices(

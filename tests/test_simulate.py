@@ -95,11 +95,16 @@ def test_plaintext_without_dp_reaches_095(tmp_path: Path) -> None:
     assert all(row["test_accuracy"] for row in history)  # plaintext: the coordinator scores every round
 
 
-def test_fedprox_under_ckks_and_median_in_plaintext_run(tmp_path: Path) -> None:
-    prox = fedqf("simulate", "--set", "strategy.name=fedprox", "--set", "federation.rounds=2",
-                 "--out", str(tmp_path / "prox"), cwd=tmp_path)
+def test_fedprox_with_packed_ckks_and_median_in_plaintext_run(tmp_path: Path) -> None:
+    prox = fedqf("simulate", "--set", "strategy.name=fedprox", "--set", "federation.rounds=3",
+                 "--set", "secure_aggregation.quantization_bits=6", "--set", "secure_aggregation.scale_bits=24",
+                 "--set", "secure_aggregation.weight_unit=200", "--out", str(tmp_path / "prox"), cwd=tmp_path)
     assert prox.returncode == 0, prox.stderr[-3000:]
-    assert json.loads((tmp_path / "prox" / "summary.json").read_text())["strategy"] == "fedprox"
+    summary = json.loads((tmp_path / "prox" / "summary.json").read_text())
+    assert summary["strategy"] == "fedprox"
+    assert summary["ckks"]["packing"]["values_per_slot"] == 4
+    assert summary["ckks"]["bytes_per_parameter"] == 8.0
+    assert summary["final_accuracy"] >= 0.9  # the packed sums decoded into a model that works
     median = fedqf("simulate", "--set", "strategy.name=fedmedian", "--set", "secure_aggregation.mode=none",
                    "--set", "federation.rounds=2", "--out", str(tmp_path / "median"), cwd=tmp_path)
     assert median.returncode == 0, median.stderr[-3000:]
