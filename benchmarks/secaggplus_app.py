@@ -131,11 +131,11 @@ def _payload_bytes(content: RecordDict) -> int:
 
 def wire_mod(message: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
     """Outermost mod: log the payload bytes of every reply (after secaggplus_mod has masked it)."""
-    reply = call_next(message, context)
     stage = ""
-    for record in message.content.values():
-        if isinstance(record, ConfigRecord) and "stage" in record:
-            stage = str(record["stage"])
+    configs = message.content.config_records.get("secaggplus_configs")
+    if configs is not None and "stage" in configs:
+        stage = str(configs["stage"])
+    reply = call_next(message, context)
     directory = Path(str(context.run_config[WIRE_KEY]))
     line = {"node": int(context.node_id), "type": message.metadata.message_type, "stage": stage,
             "bytes": _payload_bytes(reply.content) if reply.has_content() else 0}

@@ -1,0 +1,426 @@
+"""Secure aggregation cost side by side (issue 4): plaintext FedAvg, Flower SecAgg+ and fedqf CKKS, same workload.
+
+(a) plaintext: `fedqf simulate FILE --set secure_aggregation.mode=none` (fedqf's FedAvg through the same runtime);
+(b) Flower SecAgg+: benchmarks/secaggplus_app.py (legacy SecAggPlusWorkflow + secaggplus_mod, the same model, data
+    split, seed and plain SGD) behind a private `flower-superlink --simulation`, as benchmarks/round_time.py does;
+(c) fedqf CKKS: `fedqf simulate FILE` (packed), and optionally unpacked (`quantization_bits=0`, `scale_bits=40`).
+
+For each: round seconds (round 1 also starts Ray: rounds >= 2 are reported apart), bytes per parameter an
+institution uploads per round, and the coordinator's peak memory (VmHWM/VmRSS of the `flwr-serverapp` /
+`flwr-simulation` processes, sampled from /proc every 0.2 s). `--crypto-params N` also times fedqf's crypto and
+packing API alone on an N-parameter update of two institutions (no Flower), in a child process of its own.
+
+    PYTHONPATH=. /work/venv/bin/python benchmarks/secure_aggregation.py [--config FILE] [--out DIR]
+        [--parts plain,secagg,ckks,ckks-unpacked,crypto] [--crypto-params 100000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fedqf.config import FederationConfig, dump_config, load_config  # noqa: E402
+from fedqf.errors import FederationError  # noqa: E402
+from fedqf.runtime import CONNECTION, SuperLink, start_superlink  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "sandboxes" / "large_model" / "federation.toml"
+FEDQF = str(Path(sys.executable).parent / "fedqf")
+COORDINATOR_PATTERNS = ("flwr-serverapp", "flwr-simulation")
+
+_SECAGG_MANIFEST = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "secaggplus-bench"
+version = "0.1.0"
+description = "Flower SecAgg+ baseline for fedqf's secure aggregation benchmark"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedqf"
+
+[tool.flwr.app.components]
+serverapp = "secaggplus_app:server"
+clientapp = "secaggplus_app:client"
+
+[tool.flwr.app.config]
+bench-config = ""
+bench-out = ""
+bench-wire = ""
+bench-num-shares = 3
+bench-threshold = 2
+"""
+
+
+# --- coordinator memory ---------------------------------------------------------------------------------------
+
+
+class MemorySampler:
+    """Samples VmRSS and VmHWM (KiB) of every process whose cmdline contains one of `patterns`, every `period` s."""
+
+    def __init__(self, patterns: tuple[str, ...], period: float = 0.2) -> None:
+        self.patterns = patterns
+        self.period = period
+        self.peak_rss_kib: dict[str, int] = {}
+        self.peak_hwm_kib: dict[str, int] = {}
+        self.seen: dict[str, set[int]] = {p: set() for p in patterns}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) == me:
+                    continue
+                try:
+                    cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    pattern = next((p for p in self.patterns if p in cmdline), None)
+                    if pattern is None:
+                        continue
+                    status = Path(entry.path, "status").read_text()
+                except OSError:
+                    continue
+                values = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in status.splitlines()
+                                                             if ln.startswith(("VmRSS", "VmHWM")))}
+                self.seen[pattern].add(int(entry.name))
+                self.peak_rss_kib[pattern] = max(self.peak_rss_kib.get(pattern, 0), values.get("VmRSS", 0))
+                self.peak_hwm_kib[pattern] = max(self.peak_hwm_kib.get(pattern, 0), values.get("VmHWM", 0))
+            self._stop.wait(self.period)
+
+
+# --- results --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FederationCost:
+    """One federation run: per-round seconds, upload bytes per parameter, coordinator peak memory (MiB)."""
+
+    label: str
+    round_seconds: list[float]
+    bytes_per_param: float
+    coordinator_peak_mib: dict[str, float]
+    coordinator_hwm_mib: dict[str, float]
+    outer_seconds: float
+    final_accuracy: float | None
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def mean_after_first(self) -> float:
+        rest = self.round_seconds[1:]
+        return statistics.fmean(rest) if rest else float("nan")
+
+
+def _mib(kib: dict[str, int]) -> dict[str, float]:
+    return {k: v / 1024 for k, v in kib.items()}
+
+
+def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path, params: int) -> FederationCost:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    command = [FEDQF, "simulate", str(config_path), "--out", str(out_dir)]
+    for item in overrides:
+        command += ["--set", item]
+    started = time.perf_counter()
+    with MemorySampler(COORDINATOR_PATTERNS) as sampler:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    outer = time.perf_counter() - started
+    (out_dir.parent / f"{out_dir.name}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise FederationError(f"{label}: fedqf simulate exited {result.returncode}:\n{result.stderr[-2000:]}")
+    with (out_dir / "history.csv").open(newline="") as handle:
+        seconds = [float(row["round_seconds"]) for row in csv.DictReader(handle)]
+    with (out_dir / "institutions.csv").open(newline="") as handle:
+        sent = [int(row["bytes_sent"]) for row in csv.DictReader(handle) if row["status"] == "ok"]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return FederationCost(label, seconds, statistics.fmean(sent) / params, _mib(sampler.peak_rss_kib),
+                          _mib(sampler.peak_hwm_kib), outer, summary.get("final_accuracy"),
+                          {"bytes_sent_min_max": [min(sent), max(sent)], "command": " ".join(command[1:]),
+                           "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_shares: int,
+                   threshold: int) -> FederationCost:
+    """benchmarks/secaggplus_app.py behind a private simulation SuperLink (fedqf.runtime.start_superlink)."""
+    out_dir = out_dir.resolve()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    wire_dir = out_dir / "wire"
+    wire_dir.mkdir()
+    result_path = out_dir / "secaggplus.json"
+    work = Path(tempfile.mkdtemp(prefix="fedqf-secagg-bench-"))
+    superlink: SuperLink | None = None
+    saved_pythonpath = os.environ.get("PYTHONPATH")
+    started = time.perf_counter()
+    try:
+        config_path = work / "federation.toml"
+        config_path.write_text(dump_config(config))
+        app_dir = work / "app"
+        app_dir.mkdir()
+        (app_dir / "pyproject.toml").write_text(_SECAGG_MANIFEST)
+        # benchmarks/ goes on PYTHONPATH itself: opacus installs a top-level `benchmarks` package (see round_time.py).
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "benchmarks"), str(REPO), saved_pythonpath or "") if p
+        )
+        try:
+            superlink = start_superlink(work, simulation=True)
+        finally:
+            if saved_pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved_pythonpath
+        superlink.env["PYTHONWARNINGS"] = "ignore"  # the legacy API's deprecation warnings, in this benchmark only
+        run_config = " ".join(f"{k}={_quote(v)}" for k, v in
+                              {"bench-config": str(config_path), "bench-out": str(result_path),
+                               "bench-wire": str(wire_dir)}.items())
+        run_config += f" bench-num-shares={num_shares} bench-threshold={threshold}"
+        federation = (
+            f"num-supernodes={config.federation.institutions} "
+            f"client-resources-num-cpus={config.simulation.cpus_per_institution} "
+            f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
+        )
+        with MemorySampler(COORDINATOR_PATTERNS) as sampler:
+            runner = subprocess.run(
+                ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config,
+                 "--federation-config", federation],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env, cwd=work, check=False,
+            )  # fmt: skip
+        (out_dir / "secaggplus.log").write_bytes(runner.stdout)
+        if not result_path.exists():
+            tail = runner.stdout.decode(errors="replace")[-3000:]
+            raise FederationError(f"the SecAgg+ run wrote no result (see {out_dir / 'secaggplus.log'}):\n{tail}")
+    finally:
+        if superlink is not None:
+            superlink.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    outer = time.perf_counter() - started
+    result = json.loads(result_path.read_text())
+    # Upload per institution per round: every reply of the SecAgg+ train exchange (public keys, encrypted shares,
+    # the masked vector, the unmasking shares), summed over stages.
+    per_stage: dict[str, list[int]] = {}
+    for path in wire_dir.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["type"] == "train":
+                per_stage.setdefault(row["stage"], []).append(int(row["bytes"]))
+    stage_mean = {stage: statistics.fmean(v) for stage, v in per_stage.items()}
+    rounds = len(result["rounds"])
+    # mean upload of one institution in one round, summed over the stages
+    upload = sum(sum(v) for v in per_stage.values()) / (config.federation.institutions * rounds)
+    return FederationCost(f"Flower SecAgg+ (num_shares={num_shares}, threshold={threshold})",
+                          [float(r["round_seconds"]) for r in result["rounds"]], upload / params,
+                          _mib(sampler.peak_rss_kib), _mib(sampler.peak_hwm_kib), outer,
+                          float(result["rounds"][-1]["test_accuracy"]),
+                          {"stage_mean_bytes": stage_mean, "params_in_app": result["params"],
+                           "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
+
+
+# --- fedqf's crypto + packing API alone, at large parameter counts ---------------------------------------------
+
+
+def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str, object]:
+    """Two institutions' packed updates of `params` values: encrypt + serialize, EncryptedSum, decrypt + unpack.
+
+    Works block by block (`block` parameters at a time, a whole number of ciphertexts) so only one block's
+    ciphertexts are alive at once; stage times are summed over blocks.
+    """
+    import numpy as np
+
+    from fedqf.crypto import EncryptedSum, decrypt, encrypt, generate_context, key_fingerprint, load_public_context
+    from fedqf.crypto import serialize_public_context
+    from fedqf.packing import ckks_parameters_of, scheme_for
+
+    scheme = scheme_for(config)
+    assert scheme is not None
+    params_ckks = ckks_parameters_of(config)
+    per_ct = params_ckks.slots * scheme.values_per_slot
+    block = max(per_ct, block // per_ct * per_ct)
+    secret = generate_context(params_ckks)
+    public = load_public_context(serialize_public_context(secret))
+    fingerprint = key_fingerprint(secret)
+    rng = np.random.default_rng(7)
+    stages = {"quantize_pack": 0.0, "encrypt_serialize": 0.0, "sum": 0.0, "decrypt": 0.0, "unpack_dequantize": 0.0}
+    wire_bytes = 0
+    max_error = 0.0
+    for start in range(0, params, block):
+        n = min(block, params - start)
+        updates = [rng.uniform(-scheme.value_bound, scheme.value_bound, n) for _ in range(2)]
+        t0 = time.perf_counter()
+        packed = [scheme.pack(scheme.quantize(u, rng)) for u in updates]
+        t1 = time.perf_counter()
+        encrypted = [encrypt(secret, p, bound=scheme.slot_bound) for p in packed]
+        t2 = time.perf_counter()
+        wire_bytes += encrypted[0].nbytes
+        total = EncryptedSum(public, length=encrypted[0].length, fingerprint=fingerprint)
+        for e in encrypted:
+            total.add(e)
+        summed = total.result()
+        t3 = time.perf_counter()
+        slots = decrypt(secret, summed)
+        t4 = time.perf_counter()
+        estimate = scheme.dequantize_sum(scheme.unpack(slots, n), contributors=2)
+        t5 = time.perf_counter()
+        max_error = max(max_error, float(np.abs(estimate - updates[0] - updates[1]).max()))
+        for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            stages[key] += dt
+        del updates, packed, encrypted, total, summed, slots, estimate
+    return {
+        "params": params, "block": block, "values_per_slot": scheme.values_per_slot, "bits": scheme.bits,
+        "stage_seconds": stages, "total_seconds": sum(stages.values()),
+        "bytes_per_param": wire_bytes / params, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_abs_error": max_error, "quantization_step": scheme.step,
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"{model}, nproc {os.cpu_count()}"
+
+
+def table(runs: list[FederationCost]) -> str:
+    lines = ["| | " + " | ".join(r.label for r in runs) + " |", "|---|" + "---:|" * len(runs)]
+
+    def row(name: str, cells: list[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    n = max(len(r.round_seconds) for r in runs)
+    for i in range(n):
+        row(f"round {i + 1} s", [f"{r.round_seconds[i]:.2f}" if i < len(r.round_seconds) else "" for r in runs])
+    row(f"mean round s, rounds 2..{n}", [f"{r.mean_after_first:.2f}" for r in runs])
+    row("upload bytes / parameter / institution / round", [f"{r.bytes_per_param:.2f}" for r in runs])
+    for pattern in COORDINATOR_PATTERNS:
+        row(f"coordinator `{pattern}` peak VmHWM MiB",
+            [f"{r.coordinator_hwm_mib[pattern]:.0f}" if pattern in r.coordinator_hwm_mib else "-" for r in runs])
+    row("whole run s (processes start to end)", [f"{r.outer_seconds:.1f}" for r in runs])
+    row("final accuracy (held-out test)",
+        [f"{r.final_accuracy:.4f}" if r.final_accuracy is not None else "-" for r in runs])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation TOML (default: large_model)")
+    parser.add_argument("--out", type=Path, default=None, help="outputs and results.json (default: a temp dir)")
+    parser.add_argument("--parts", default="plain,secagg,ckks,ckks-unpacked,crypto",
+                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, crypto")
+    parser.add_argument("--num-shares", type=int, default=3, help="SecAgg+ num_shares")
+    parser.add_argument("--threshold", type=int, default=2, help="SecAgg+ reconstruction_threshold")
+    parser.add_argument("--crypto-params", type=int, default=100_000_000, help="parameters for the crypto-only part")
+    parser.add_argument("--crypto-block", type=int, default=3 * 4096 * 256, help="parameters per block (crypto part)")
+    parser.add_argument("--crypto-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    if args.crypto_child:
+        print(json.dumps(crypto_scale(config, args.crypto_params, args.crypto_block)))
+        return
+    out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-secagg-"))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results: dict[str, object] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    import torch
+
+    from fedqf.data import simulate_federation_data
+    from fedqf.model import build_model
+
+    shares = simulate_federation_data(config.data, institutions=config.federation.institutions,
+                                      seed=config.federation.seed)
+    model = build_model(config.model, num_features=shares.num_features, num_classes=shares.num_classes,
+                        generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"machine: {machine()}")
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"config: {args.config}: {params:,} parameters, {config.federation.institutions} institutions, "
+          f"{config.federation.rounds} rounds", flush=True)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    fedqf_runs = {
+        "plain": ("plaintext FedAvg (fedqf, mode=none)", ["secure_aggregation.mode=none"]),
+        "ckks": ("fedqf CKKS packed", []),
+        "ckks-unpacked": ("fedqf CKKS unpacked",
+                          ["secure_aggregation.quantization_bits=0", "secure_aggregation.scale_bits=40"]),
+    }
+    for part in parts:
+        print(f"running {part} ...", flush=True)
+        started = time.perf_counter()
+        if part in fedqf_runs:
+            label, overrides = fedqf_runs[part]
+            results[part] = asdict(run_fedqf(label, args.config.resolve(), overrides, out / part, params))
+        elif part == "secagg":
+            results[part] = asdict(run_secaggplus(config, out / part, params, num_shares=args.num_shares,
+                                                  threshold=args.threshold))
+        elif part == "crypto":
+            child = subprocess.run([sys.executable, __file__, "--config", str(args.config), "--crypto-child",
+                                    "--crypto-params", str(args.crypto_params), "--crypto-block",
+                                    str(args.crypto_block)], capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                raise FederationError(f"crypto part failed:\n{child.stderr[-2000:]}")
+            results[f"crypto-{args.crypto_params}"] = json.loads(child.stdout.strip().splitlines()[-1])
+        else:
+            parser.error(f"unknown part {part!r}")
+        print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
+        results_path.write_text(json.dumps(results, indent=2))
+
+    runs = [FederationCost(**{k: v for k, v in results[p].items()})  # type: ignore[arg-type]
+            for p in ("plain", "secagg", "ckks", "ckks-unpacked") if p in results]
+    if runs:
+        print()
+        print(table(runs))
+        by = {p: FederationCost(**results[p]) for p in ("plain", "secagg", "ckks", "ckks-unpacked")  # type: ignore[arg-type]
+              if p in results}
+        for enc in ("ckks", "ckks-unpacked"):
+            if enc not in by:
+                continue
+            for base in ("plain", "secagg"):
+                if base in by:
+                    print(f"{enc} / {base}, mean round s (rounds >= 2): "
+                          f"{by[enc].mean_after_first / by[base].mean_after_first:.2f}x; "
+                          f"bytes/param {by[enc].bytes_per_param / by[base].bytes_per_param:.2f}x")
+    for key, value in results.items():
+        if key.startswith("crypto-"):
+            print(f"\n{key}: {json.dumps(value)}")
+    print(f"\noutputs: {out}")
+
+
+if __name__ == "__main__":
+    main()
