@@ -195,15 +195,14 @@ def finish_train(setup: AggregationSetup, server_round: int, outcome: TrainAggre
         setup.observer.record_aggregate(server_round, arrays)
 
 
-def validation_from_reports(model_round: int, reports: Sequence[InstitutionReport]) -> MetricRecord | None:
-    """Weighted validation loss and accuracy of the round-`model_round` global model, from train replies."""
+def weighted_scores(scores: Iterable[tuple[object, object, object]]) -> MetricRecord | None:
+    """Example-weighted mean of (examples, loss, accuracy) triples; malformed triples are skipped."""
     total = loss = accuracy = 0.0
-    for report in reports:
-        m = report.metrics
-        if m.get("val-round") != float(model_round):
+    for triple in scores:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in triple):
             continue
-        n, l, a = m.get("val-examples", 0.0), m.get("val-loss", math.nan), m.get("val-accuracy", math.nan)
-        if n <= 0 or not math.isfinite(l) or not 0.0 <= a <= 1.0:
+        n, l, a = (float(v) for v in triple)  # type: ignore[arg-type]
+        if not (n > 0 and math.isfinite(n) and math.isfinite(l) and 0.0 <= a <= 1.0):
             continue
         total += n
         loss += l * n
@@ -211,6 +210,15 @@ def validation_from_reports(model_round: int, reports: Sequence[InstitutionRepor
     if total == 0:
         return None
     return MetricRecord({"loss": loss / total, "accuracy": accuracy / total, "num-examples": int(total)})
+
+
+def validation_from_reports(model_round: int, reports: Sequence[InstitutionReport]) -> MetricRecord | None:
+    """Weighted validation loss and accuracy of the round-`model_round` global model, from train replies."""
+    return weighted_scores(
+        (r.metrics.get("val-examples"), r.metrics.get("val-loss"), r.metrics.get("val-accuracy"))
+        for r in reports
+        if r.metrics.get("val-round") == float(model_round)
+    )
 
 
 def no_separate_evaluation(strategy: object, server_round: int, arrays: ArrayRecord, config: object,
@@ -223,29 +231,16 @@ def no_separate_evaluation(strategy: object, server_round: int, arrays: ArrayRec
 
 def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
     """Weighted mean of the institutions' validation loss and accuracy; malformed replies are skipped."""
-    total = 0.0
-    loss = 0.0
-    accuracy = 0.0
+    scores: list[tuple[object, object, object]] = []
     for message in replies:
         if message.has_error():
             log(WARNING, "round %d: evaluation failed at institution %d: %s", server_round,
                 message.metadata.src_node_id, message.error.reason)
             continue
         metrics = message.content.get(METRICS)
-        if not isinstance(metrics, MetricRecord):
-            continue
-        values = [metrics.get(k) for k in (NUM_EXAMPLES, "loss", "accuracy")]
-        if not all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in values):
-            continue
-        n, l, a = (float(v) for v in values)  # type: ignore[arg-type]
-        if n <= 0 or not 0.0 <= a <= 1.0:
-            continue
-        total += n
-        loss += l * n
-        accuracy += a * n
-    if total == 0:
-        return None
-    return MetricRecord({"loss": loss / total, "accuracy": accuracy / total, "num-examples": int(total)})
+        if isinstance(metrics, MetricRecord):
+            scores.append((metrics.get(NUM_EXAMPLES), metrics.get("loss"), metrics.get("accuracy")))
+    return weighted_scores(scores)
 
 
 def record_evaluation(setup: AggregationSetup, server_round: int, metrics: MetricRecord | None) -> MetricRecord | None:

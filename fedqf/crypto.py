@@ -17,7 +17,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Final
 
 import numpy as np
@@ -30,7 +29,6 @@ __all__ = [
     "CkksParameters",
     "EncryptedSum",
     "EncryptedVector",
-    "SecureAggregation",
     "aggregation_tolerance",
     "check_sum_range",
     "decrypt",
@@ -61,12 +59,6 @@ _RANGE_MARGIN_BITS: Final[int] = 1
 #: Unit roundoff of IEEE double precision, used by SEAL's encoder and decoder.
 _DOUBLE_UNIT_ROUNDOFF: Final[float] = 2.0**-53
 
-
-class SecureAggregation(str, Enum):
-    """How updates travel to the coordinator: CKKS ciphertexts, or plaintext."""
-
-    CKKS = "ckks"
-    NONE = "none"
 
 
 @dataclass(frozen=True)

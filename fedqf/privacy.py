@@ -18,6 +18,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedqf.config import PrivacyMode
 from fedqf.errors import ConfigError, FedqfError, PrivacyBudgetExceededError
 
 __all__ = [
@@ -37,12 +38,6 @@ CALIBRATION_TOLERANCE = 0.01
 
 _STATE_KEYS = ("noise_multiplier", "sample_rate", "steps")
 
-
-class PrivacyMode(str, Enum):
-    """How an institution protects its records while training: DP-SGD through Opacus, or not at all."""
-
-    DP_SGD = "dp-sgd"
-    NONE = "none"
 
 
 class GradSampleMode(str, Enum):

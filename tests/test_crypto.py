@@ -11,11 +11,11 @@ import tenseal as ts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
     CkksParameters,
     EncryptedSum,
     EncryptedVector,
-    SecureAggregation,
     aggregation_tolerance,
     check_sum_range,
     decrypt,
@@ -78,8 +78,8 @@ def test_default_parameters_known_answers() -> None:
     assert PARAMS.security_bits == 128
     # 60-bit first prime, scale 2^40: 2^(60 - 2 - 1 - 40).
     assert PARAMS.max_abs_value == 131072.0
-    assert SecureAggregation("ckks") is SecureAggregation.CKKS
-    assert SecureAggregation.NONE.value == "none"
+    assert SecureAggregationMode("ckks") is SecureAggregationMode.CKKS
+    assert SecureAggregationMode.NONE.value == "none"
 
 
 @pytest.mark.parametrize(
