@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import tenseal as ts
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from fedqf.config import SecureAggregationMode
@@ -43,6 +43,8 @@ class RoundObserver(Protocol):
     def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None: ...
 
     def record_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None: ...
+
+    def catch_up(self, node_id: int, server_round: int) -> dict[str, ArrayRecord]: ...
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,19 @@ def validation_from_reports(model_round: int, reports: Sequence[InstitutionRepor
         for r in reports
         if r.metrics.get("val-round") == float(model_round)
     )
+
+
+def with_catch_up(setup: AggregationSetup, server_round: int, messages: Iterable[Message]) -> list[Message]:
+    """Give each lagging institution, with its train instruction, the global-model rounds it has not confirmed."""
+    out: list[Message] = []
+    for message in messages:
+        extra = setup.observer.catch_up(message.metadata.dst_node_id, server_round) if setup.observer else {}
+        if extra:
+            content = RecordDict({**dict(message.content.items()), **extra})
+            message = Message(content, message_type=message.metadata.message_type,
+                              dst_node_id=message.metadata.dst_node_id)
+        out.append(message)
+    return out
 
 
 def no_separate_evaluation(strategy: object, server_round: int, arrays: ArrayRecord, config: object,

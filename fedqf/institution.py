@@ -204,6 +204,33 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     return aggregate_round, layout.unflatten(base + total / weight_sum)
 
 
+CATCH_UP_PREFIX = "fedqf.catchup."
+
+
+def catch_up(inst: Institution, content: RecordDict, state: InstitutionState) -> None:
+    """Apply the rounds an institution missed (it was down, or too slow for a round's deadline).
+
+    The coordinator adds to the instruction of a lagging institution the initial model and every encrypted
+    aggregate it has not confirmed; they are applied in round order, and any already applied are skipped.
+    """
+    initial_key = f"{CATCH_UP_PREFIX}initial"
+    records = sorted(((key, value) for key, value in content.items() if key.startswith(CATCH_UP_PREFIX)),
+                     key=lambda item: (item[0] != initial_key, item[0]))
+    for key, record in records:
+        if not isinstance(record, ArrayRecord):
+            raise FedqfError(f"catch-up record '{key}' is not an ArrayRecord")
+        if key == initial_key:
+            if state.global_arrays is None:
+                state.model_round, state.global_arrays = resolve_global_model(inst, record, state)
+            continue
+        aggregate_round, _ = aggregate_meta(record)
+        if aggregate_round <= state.model_round:
+            continue
+        state.model_round, state.global_arrays = resolve_global_model(inst, record, state)
+    if records:
+        log(INFO, "%s caught up to the global model of round %d", inst.name, state.model_round)
+
+
 def _clip_l2(vector: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float64]:
     """v * min(1, bound / ||v||_2): afterwards ||v||_2 <= bound, hence every |v_i| <= bound."""
     norm = float(np.linalg.norm(vector))
@@ -236,6 +263,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     starts, so a crash mid-round can over-count the budget but never under-count it.
     """
     config = inst.config
+    catch_up(inst, content, state)
     model_round, global_arrays = resolve_global_model(inst, _arrays(content), state)
     state.model_round, state.global_arrays = model_round, global_arrays
     config_record = content.get(CONFIG)
@@ -244,6 +272,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     train_data = inst.data.train
     metrics: dict[str, float] = {"num-examples": float(len(train_data))}
     metrics.update(_validate(inst, global_arrays, model_round))
+    metrics["model-round"] = float(model_round)
     dp: DpSgdSettings | None = None
     planned_steps = 0
     if config.privacy.mode is PrivacyMode.DP_SGD:
@@ -345,6 +374,7 @@ def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, 
 
 def evaluate_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:
     """Evaluate the global model of this round on the institution's validation split."""
+    catch_up(inst, content, state)
     state.model_round, state.global_arrays = resolve_global_model(inst, _arrays(content), state)
     if persist is not None:
         persist(state)
@@ -357,6 +387,7 @@ def evaluate_round(inst: Institution, state: InstitutionState, content: RecordDi
 
 def release_round(inst: Institution, state: InstitutionState, content: RecordDict, *, persist: Any = None) -> RecordDict:
     """Release the final global model in plaintext: the federation's declared output, logged as such."""
+    catch_up(inst, content, state)
     state.model_round, state.global_arrays = resolve_global_model(inst, _arrays(content), state)
     if persist is not None:
         persist(state)

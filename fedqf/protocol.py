@@ -38,6 +38,7 @@ TRAIN_METRIC_KEYS = (
     "bytes-sent",
     # Validation of the global model the instruction carried (round val-round), measured on receipt: one
     # message exchange per round instead of two.
+    "model-round",  # the global model the institution holds: lets the coordinator send what it missed
     "val-round",
     "val-examples",
     "val-loss",

@@ -21,7 +21,7 @@ from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import scheme_for
-from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus
+from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
 from fedqf.stream import StreamingGrid
@@ -48,9 +48,16 @@ class ProgressRecorder(RunRecorder):
         self.latest_arrays: ArrayRecord | None = None
         self.latest_round = 0
         self.evaluations: dict[int, MetricRecord | None] = {}
+        # Catch-up: the initial model, every encrypted aggregate, and the round each institution confirmed.
+        self.initial: ArrayRecord | None = None
+        self.aggregates: dict[int, ArrayRecord] = {}
+        self.node_rounds: dict[int, int] = {}
 
     def record_train(self, server_round: int, reports: Any) -> None:
         super().record_train(server_round, reports)
+        for report in reports:
+            if "model-round" in report.metrics:
+                self.node_rounds[report.node_id] = int(report.metrics["model-round"])
         done = sum(1 for r in reports if r.status is ReplyStatus.OK)
         eps = [r.metrics["epsilon"] for r in reports if "epsilon" in r.metrics]
         eps_text = f", epsilon spent up to {max(eps):.3f}" if eps else ""
@@ -59,6 +66,25 @@ class ProgressRecorder(RunRecorder):
     def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
         self.latest_arrays = arrays
         self.latest_round = server_round
+        if is_encrypted(arrays):
+            self.aggregates[server_round] = arrays
+
+    def catch_up(self, node_id: int, server_round: int) -> dict[str, ArrayRecord]:
+        """Rounds a lagging institution needs before the aggregate of round server_round - 1 applies to it."""
+        if server_round < 2 or not self.aggregates:
+            return {}
+        holds = self.node_rounds.get(node_id, -1)
+        if holds >= server_round - 2:
+            return {}
+        extra: dict[str, ArrayRecord] = {}
+        if holds < 0 and self.initial is not None:
+            extra["fedqf.catchup.initial"] = self.initial
+        for missed in range(max(holds, 0) + 1, server_round - 1):
+            if missed in self.aggregates:
+                extra[f"fedqf.catchup.{missed:06d}"] = self.aggregates[missed]
+        if extra:
+            log(INFO, "fedqf: institution %d holds round %d; sending %d missed rounds", node_id, holds, len(extra))
+        return extra
 
     def record_evaluation(self, server_round: int, metrics: MetricRecord | None) -> None:
         self.evaluations[server_round] = metrics
@@ -166,6 +192,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     config_text = dump_config(config)
     initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    recorder.initial = initial
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",
         config.federation.name, config.federation.institutions, config.federation.rounds, config.strategy.name,
         secure.value, config.privacy.mode.value)

@@ -17,6 +17,7 @@ from fedqf.aggregation import (
     no_separate_evaluation,
     record_evaluation,
     weighted_mean_arrays,
+    with_catch_up,
 )
 from fedqf.config import FederationConfig, SecureAggregationMode
 
@@ -45,6 +46,11 @@ class FedAvg(FlowerFedAvg):
     @classmethod
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedAvg:
         return cls(setup=setup, min_institutions=config.federation.required_institutions)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return with_catch_up(self.setup, server_round, super().configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

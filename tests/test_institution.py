@@ -1,0 +1,92 @@
+"""An institution's state machine: applying aggregates once, in order, and catching up on missed rounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedqf.config import config_from_dict
+from fedqf.crypto import (
+    EncryptedSum,
+    encrypt,
+    generate_context,
+    key_fingerprint,
+    load_public_context,
+    serialize_public_context,
+)
+from fedqf.data import simulate_federation_data
+from fedqf.errors import FedqfError
+from fedqf.institution import Institution, InstitutionState, evaluate_round
+from fedqf.model import ParameterLayout
+from fedqf.packing import ckks_parameters_of
+from fedqf.protocol import AGGREGATE_ROUND, ARRAYS, WEIGHT_SUM, encrypted_to_record
+
+
+@pytest.fixture(scope="module")
+def setup():  # type: ignore[no-untyped-def]
+    config = config_from_dict({"federation": {"institutions": 2, "seed": 3}, "privacy": {"mode": "none"}})
+    secret = generate_context(ckks_parameters_of(config))
+    data = simulate_federation_data(config.data, institutions=2, seed=3)
+    inst = Institution(config, data.institutions[0], "a", 0, secret)
+    layout = ParameterLayout.of(inst.model())
+    initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in inst.model().state_dict().items()})
+    public = load_public_context(serialize_public_context(secret))
+    rng = np.random.default_rng(0)
+    aggregates = {}
+    for r in (1, 2, 3):
+        running = EncryptedSum(public, length=layout.size, fingerprint=key_fingerprint(public))
+        for _ in range(2):
+            running.add(encrypt(secret, rng.uniform(-0.1, 0.1, layout.size), bound=0.1))
+        aggregates[r] = encrypted_to_record(running.result(), extra={AGGREGATE_ROUND: np.array([r]),
+                                                                     WEIGHT_SUM: np.array([2.0])})
+    return inst, layout, initial, aggregates
+
+
+def _content(main: ArrayRecord, **extra: ArrayRecord) -> RecordDict:
+    return RecordDict({ARRAYS: main, **extra})
+
+
+def test_a_lagging_institution_catches_up_to_the_same_model(setup) -> None:  # type: ignore[no-untyped-def]
+    inst, layout, initial, aggregates = setup
+    steady = InstitutionState()
+    for record in (initial, aggregates[1], aggregates[2], aggregates[3]):
+        evaluate_round(inst, steady, _content(record))
+        evaluate_round(inst, steady, _content(record))  # a repeated instruction is not applied twice
+    assert steady.model_round == 3
+
+    lagging = InstitutionState()
+    evaluate_round(inst, lagging, _content(initial))
+    with pytest.raises(FedqfError, match="missed a round"):
+        evaluate_round(inst, InstitutionState(lagging.model_round, lagging.global_arrays), _content(aggregates[3]))
+    evaluate_round(inst, lagging, _content(aggregates[3], **{"fedqf.catchup.000001": aggregates[1],
+                                                           "fedqf.catchup.000002": aggregates[2]}))
+    assert lagging.model_round == 3
+    np.testing.assert_array_equal(layout.flatten(lagging.global_arrays), layout.flatten(steady.global_arrays))
+
+
+def test_a_new_institution_starts_from_the_initial_model(setup) -> None:  # type: ignore[no-untyped-def]
+    inst, layout, initial, aggregates = setup
+    fresh = InstitutionState()
+    evaluate_round(inst, fresh, _content(aggregates[2], **{"fedqf.catchup.initial": initial,
+                                                         "fedqf.catchup.000001": aggregates[1]}))
+    reference = InstitutionState()
+    for record in (initial, aggregates[1], aggregates[2]):
+        evaluate_round(inst, reference, _content(record))
+    np.testing.assert_array_equal(layout.flatten(fresh.global_arrays), layout.flatten(reference.global_arrays))
+
+
+def test_state_round_trips_through_the_state_directory(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    inst, layout, initial, aggregates = setup
+    state = InstitutionState()
+    evaluate_round(inst, state, _content(initial))
+    evaluate_round(inst, state, _content(aggregates[1]))
+    state.ledger.record(noise_multiplier=1.3, sample_rate=0.25, steps=8)
+    state.save(tmp_path)
+    again = InstitutionState.load(tmp_path)
+    assert again.model_round == 1
+    assert again.ledger.epsilon(delta=1e-5) == state.ledger.epsilon(delta=1e-5)
+    np.testing.assert_array_equal(layout.flatten(again.global_arrays), layout.flatten(state.global_arrays))
+    (tmp_path / "state.json").write_text("{broken")
+    with pytest.raises(FedqfError, match="refusing to start rather than forget the privacy budget"):
+        InstitutionState.load(tmp_path)
