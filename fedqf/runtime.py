@@ -69,8 +69,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, read from /proc (Flower starts some in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the parent pid is the 2nd field after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop_process_group(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
-    """SIGTERM the process's group (it and what it started), then SIGKILL whatever is left after `grace`."""
+    """SIGTERM the process, its group and every descendant (also those in sessions of their own, as Flower's
+    SuperExec and simulation processes are), then SIGKILL whatever is left after `grace`."""
+    tree = descendants(process.pid)
+    _signal_all(tree, signal.SIGTERM)
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
@@ -84,6 +118,10 @@ def stop_process_group(process: subprocess.Popen[bytes], *, grace: float = 10.0)
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    deadline = time.monotonic() + grace
+    while any(Path(f"/proc/{pid}").exists() for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_all(tree, signal.SIGKILL)
     if process.poll() is None:
         process.wait(timeout=grace)
 
