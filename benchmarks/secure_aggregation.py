@@ -389,12 +389,9 @@ def main() -> None:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     fedqf_runs = {
         "plain": ("plaintext FedAvg (fedqf, mode=none)", ["secure_aggregation.mode=none"]),
-        # weight_unit 1001: the sandbox's split gives one institution 1001 training records, and its shipped
-        # weight_unit (1000) makes that institution's packed update fail (see RESULTS.md, issue 4 section).
-        "ckks": ("fedqf CKKS packed", ["secure_aggregation.weight_unit=1001"]),
+        "ckks": ("fedqf CKKS packed", []),
         "ckks-unpacked": ("fedqf CKKS unpacked",
-                          ["secure_aggregation.quantization_bits=0", "secure_aggregation.scale_bits=40",
-                           "secure_aggregation.weight_unit=1001"]),
+                          ["secure_aggregation.quantization_bits=0", "secure_aggregation.scale_bits=40"]),
     }
     for part in parts:
         print(f"running {part} ...", flush=True)
