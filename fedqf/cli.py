@@ -185,9 +185,10 @@ def _keys(args: argparse.Namespace) -> int:
 
     if args.keys_command == "new":
         from fedqf.config import load_config
-        from fedqf.simulation import ckks_parameters, sandbox_default_path
+        from fedqf.packing import ckks_parameters_of
+        from fedqf.simulation import sandbox_default_path
 
-        params = ckks_parameters(load_config(args.federation or sandbox_default_path()))
+        params = ckks_parameters_of(load_config(args.federation or sandbox_default_path()))
         made = new_ckks_keys(args.directory, params)
         print(f"institutions' context (secret, mode 0600): {made.institution_context}")
         print(f"coordinator's context (public):            {made.coordinator_context}")

@@ -16,11 +16,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
-from fedqf.crypto import CkksParameters, key_fingerprint, load_public_context
+from fedqf.crypto import key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError
 from fedqf.model import ParameterLayout, build_model, set_arrays
-from fedqf.packing import scheme_for
+from fedqf.packing import ckks_parameters_of, scheme_for
 from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
@@ -278,12 +278,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
     }
     if secure is SecureAggregationMode.CKKS:
-        sa = config.secure_aggregation
-        params = CkksParameters(
-            poly_modulus_degree=sa.poly_modulus_degree,
-            coeff_mod_bit_sizes=sa.coeff_mod_bit_sizes,
-            global_scale_bits=sa.scale_bits,
-        )
+        params = ckks_parameters_of(config)
         summary["ckks"] = {
             "poly_modulus_degree": params.poly_modulus_degree,
             "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes),

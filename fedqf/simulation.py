@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedqf.config import FederationConfig, SecureAggregationMode, dump_config
-from fedqf.crypto import CkksParameters, generate_context, serialize_private_context, serialize_public_context
+from fedqf.crypto import generate_context, serialize_private_context, serialize_public_context
 from fedqf.errors import FederationError
 from fedqf.keys import write_public, write_secret
 from fedqf.packing import ckks_parameters_of
@@ -31,10 +31,6 @@ PROGRESS = re.compile(r"fedqf: |ERROR|Traceback|\[ROUND \d+/\d+\]")
 class SimulationResult:
     out_dir: Path
     log_tail: str
-
-
-def ckks_parameters(config: FederationConfig) -> CkksParameters:
-    return ckks_parameters_of(config)
 
 
 def run_simulation(
@@ -65,7 +61,7 @@ def run_simulation(
         }
         if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
             # A simulation holds its own key ceremony; the secret context never leaves this private directory.
-            context = generate_context(ckks_parameters(config))
+            context = generate_context(ckks_parameters_of(config))
             write_secret(work / "institutions.ckks", serialize_private_context(context))
             write_public(work / "coordinator.ckks", serialize_public_context(context))
             run_config["fedqf-secret-context"] = str(work / "institutions.ckks")
