@@ -78,6 +78,10 @@ class InstitutionState:
     model_round: int = -1
     global_arrays: Arrays | None = None
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    # The last update sent, as (server round, model round, reply): a coordinator that asks again for the same
+    # round (it restarted, or the reply was lost) gets the same update back, and no privacy budget is spent twice.
+    # Kept in memory only: after an institution restart the round is trained again, and its spend recorded again.
+    last_update: tuple[int, int, RecordDict] | None = None
 
     # --- simulation: Flower's Context.state -------------------------------------------------------------
     def to_records(self) -> dict[str, Any]:
@@ -269,6 +273,9 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     config_record = content.get(CONFIG)
     server_round = int(config_record.get("server-round", 0)) if isinstance(config_record, ConfigRecord) else 0  # type: ignore[arg-type]
     proximal_mu = float(config_record.get("proximal-mu", 0.0)) if isinstance(config_record, ConfigRecord) else 0.0  # type: ignore[arg-type]
+    if state.last_update is not None and server_round > 0 and state.last_update[:2] == (server_round, model_round):
+        log(INFO, "%s resends its round %d update (asked again; no new privacy spend)", inst.name, server_round)
+        return state.last_update[2]
     train_data = inst.data.train
     metrics: dict[str, float] = {"num-examples": float(len(train_data))}
     metrics.update(_validate(inst, global_arrays, model_round))
@@ -358,7 +365,9 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         persist(state)
     log(INFO, "%s trained round %d: %d steps%s", inst.name, server_round, result.steps,
         f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "")
-    return _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
+    reply = _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
+    state.last_update = (server_round, model_round, reply)
+    return reply
 
 
 def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:

@@ -90,3 +90,26 @@ def test_state_round_trips_through_the_state_directory(setup, tmp_path) -> None:
     (tmp_path / "state.json").write_text("{broken")
     with pytest.raises(FedqfError, match="refusing to start rather than forget the privacy budget"):
         InstitutionState.load(tmp_path)
+
+
+def test_a_repeated_train_instruction_gets_the_same_update_without_new_spend(setup) -> None:  # type: ignore[no-untyped-def]
+    from flwr.app import ConfigRecord
+
+    from fedqf.config import dump_config
+    from fedqf.institution import train_round
+
+    inst, _, initial, _ = setup
+    dp_config = config_from_dict({"federation": {"institutions": 2, "seed": 3}})
+    dp_inst = Institution(dp_config, inst.data, "a", 0, inst.secret_context)
+    state = InstitutionState()
+    content = RecordDict({ARRAYS: initial, "config": ConfigRecord({"server-round": 1,
+                                                                    "fedqf.federation": dump_config(dp_config)})})
+    first = train_round(dp_inst, state, content)
+    spent = state.ledger.epsilon(delta=1e-5)
+    again = train_round(dp_inst, state, content)
+    assert again is first
+    assert state.ledger.epsilon(delta=1e-5) == spent > 0
+    content_round_2 = RecordDict({ARRAYS: initial, "config": ConfigRecord({"server-round": 2,
+                                                                            "fedqf.federation": dump_config(dp_config)})})
+    train_round(dp_inst, state, content_round_2)
+    assert state.ledger.epsilon(delta=1e-5) > spent
