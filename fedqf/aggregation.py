@@ -58,6 +58,7 @@ class AggregationSetup:
     fingerprint: str = ""
     observer: RoundObserver | None = None
     encrypted_length: int = 0  # values per encrypted update: the model size, or its packed slot count
+    round_offset: int = 0  # rounds completed before this coordinator (re)started: Flower counts from 1 again
 
     @property
     def expected_length(self) -> int:
@@ -259,8 +260,9 @@ def aggregate_evaluate_replies(server_round: int, replies: Iterable[Message]) ->
 
 
 def record_evaluation(setup: AggregationSetup, server_round: int, metrics: MetricRecord | None) -> MetricRecord | None:
-    if setup.observer is not None:
-        setup.observer.record_evaluation(server_round, metrics)
+    """Pass a separate evaluation's result to the observer; `server_round` is Flower's (relative) round."""
+    if setup.observer is not None and metrics is not None:
+        setup.observer.record_evaluation(server_round + setup.round_offset, metrics)
     return metrics
 
 

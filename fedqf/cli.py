@@ -82,6 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--health", default="127.0.0.1:9098",
                        help="HOST:PORT of the gRPC health-checking service ('' to disable)")
     coord.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-TIMESTAMP)")
+    coord.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue an interrupted federation from its run directory's last completed round")
     coord.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     inst = sub.add_parser(
@@ -223,13 +225,21 @@ def _coordinator(args: argparse.Namespace) -> int:
 
     config = load_config(args.federation, args.overrides)
     host, port = _split_address(args.address, flag="--address")
-    out_dir: Path = args.out or Path("runs") / f"{config.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedqfError(f"{out_dir}: the run directory is not empty; expected a new or empty directory")
+    if args.resume is not None:
+        from fedqf.checkpoint import Checkpoint, config_digest
+        from fedqf.config import dump_config
+
+        Checkpoint.load(args.resume, digest=config_digest(dump_config(config)))  # refuse early, with the reason
+        out_dir: Path = args.resume
+    else:
+        out_dir = args.out or Path("runs") / f"{config.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise FedqfError(f"{out_dir}: the run directory is not empty; expected a new or empty directory "
+                             "(or --resume it)")
     settings = CoordinatorSettings(
         config=config, certs_dir=args.certs, public_context=args.context,
         node_public_keys=node_keys_from(args.node_keys), out_dir=out_dir, host=host, port=port,
-        health_address=args.health or None,
+        health_address=args.health or None, resume=args.resume is not None,
     )
     run_coordinator(settings, printer=lambda line: print(line, flush=True))
     _print_table(out_dir)

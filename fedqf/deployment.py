@@ -64,6 +64,7 @@ class CoordinatorSettings:
     host: str = "0.0.0.0"
     port: int = 9092
     health_address: str | None = "127.0.0.1:9098"
+    resume: bool = False
 
 
 def check_coordinator(settings: CoordinatorSettings) -> tuple[TlsFiles, str]:
@@ -117,6 +118,7 @@ def run_coordinator(settings: CoordinatorSettings, *, printer: Printer = print) 
             "fedqf-config": str(config_path),
             "fedqf-out": str(out_dir),
             "fedqf-mode": "deployment",
+            "fedqf-resume": "1" if settings.resume else "",
             "fedqf-public-context": str(settings.public_context.resolve()) if settings.public_context else "",
         }
         last = [""]

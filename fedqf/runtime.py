@@ -43,6 +43,7 @@ fedqf-public-context = ""
 fedqf-secret-context = ""
 fedqf-base-dir = ""
 fedqf-mode = "simulation"
+fedqf-resume = ""
 """
 
 CONNECTION = "fedqf"

@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup
+from fedqf.checkpoint import Checkpoint, config_digest
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
@@ -38,6 +39,13 @@ class CoordinatorInputs:
     test_data: Dataset | None
     num_features: int
     num_classes: int
+    resume: bool = False
+
+
+def _plain_metrics(metrics: MetricRecord | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 class ProgressRecorder(RunRecorder):
@@ -68,6 +76,31 @@ class ProgressRecorder(RunRecorder):
         self.latest_round = server_round
         if is_encrypted(arrays):
             self.aggregates[server_round] = arrays
+
+    def checkpoint(self, completed_round: int, digest: str, rows: list[dict[str, Any]]) -> None:
+        """Save what a resumed coordinator needs to continue after `completed_round`."""
+        Checkpoint(
+            completed_round=completed_round,
+            digest=digest,
+            latest=self.latest_arrays,
+            initial=self.initial,
+            aggregates=dict(self.aggregates),
+            node_rounds=dict(self.node_rounds),
+            institutions=list(self.institutions),
+            rows=list(rows),
+            evaluations={k: _plain_metrics(v) for k, v in self.evaluations.items()},
+        ).save(self.out_dir)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self.latest_arrays = checkpoint.latest
+        self.latest_round = checkpoint.completed_round
+        self.aggregates = dict(checkpoint.aggregates)
+        self.node_rounds = dict(checkpoint.node_rounds)
+        self.institutions = list(checkpoint.institutions)
+        self.evaluations = {k: MetricRecord(dict(v)) if v is not None else None
+                            for k, v in checkpoint.evaluations.items()}
+        if checkpoint.initial is not None:
+            self.initial = checkpoint.initial
 
     def catch_up(self, node_id: int, server_round: int) -> dict[str, ArrayRecord]:
         """Rounds a lagging institution needs before the aggregate of round server_round - 1 applies to it."""
@@ -108,7 +141,8 @@ def _inputs_from(context: Context) -> CoordinatorInputs:
             raise FedqfError(
                 f"{config.source}: a deployment needs 'model.num_features' >= 1 and 'model.num_classes' >= 2"
             )
-        return CoordinatorInputs(config, out_dir, public, None, config.model.num_features, config.model.num_classes)
+        return CoordinatorInputs(config, out_dir, public, None, config.model.num_features, config.model.num_classes,
+                                 resume=str(run_config.get("fedqf-resume", "")) == "1")
     base_dir = str(run_config.get("fedqf-base-dir", ""))
     shares = simulate_federation_data(
         config.data,
@@ -180,6 +214,18 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     secure = config.secure_aggregation.mode
     fingerprint = key_fingerprint(inputs.public_context) if inputs.public_context is not None else ""
     scheme = scheme_for(config)
+    config_text = dump_config(config)
+    digest = config_digest(config_text)
+    initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    recorder.initial = initial
+    pending_rows: list[dict[str, Any]] = []
+    offset = 0
+    if inputs.resume:
+        checkpoint = Checkpoint.load(inputs.out_dir, digest=digest)
+        offset = checkpoint.completed_round
+        recorder.restore(checkpoint)
+        pending_rows.extend(checkpoint.rows)
+        log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
     setup = AggregationSetup(
         mode=secure,
         layout=layout,
@@ -188,11 +234,9 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         fingerprint=fingerprint,
         observer=recorder,
         encrypted_length=scheme.slots_needed(layout.size) if scheme is not None else 0,
+        round_offset=offset,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
-    config_text = dump_config(config)
-    initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
-    recorder.initial = initial
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",
         config.federation.name, config.federation.institutions, config.federation.rounds, config.strategy.name,
         secure.value, config.privacy.mode.value)
@@ -208,6 +252,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         if server_round == 0:
             round_started[0] = time.perf_counter()
             return None
+        server_round += offset
         row: dict[str, Any] = {"round": server_round, "round_seconds": time.perf_counter() - round_started[0]}
         round_started[0] = time.perf_counter()
         if secure is SecureAggregationMode.NONE and inputs.test_data is not None and len(inputs.test_data):
@@ -215,15 +260,15 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             test = evaluate(model, inputs.test_data)
             row.update(test_accuracy=test.accuracy, test_loss=test.loss)
         pending_rows.append(row)
+        recorder.checkpoint(server_round, digest, pending_rows)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
-    pending_rows: list[dict[str, Any]] = []
     stopped_reason = ""
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=initial,
-            num_rounds=config.federation.rounds,
+            initial_arrays=recorder.latest_arrays if offset and recorder.latest_arrays is not None else initial,
+            num_rounds=config.federation.rounds - offset,
             timeout=config.federation.round_timeout,
             train_config=ConfigRecord({FEDERATION_TOML: config_text}),
             evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
@@ -297,6 +342,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         summary["ckks"]["bytes_per_parameter"] = (
             scheme.bytes_per_parameter(params) if scheme is not None else 32.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
         )
+    Checkpoint.remove(inputs.out_dir)  # the run directory is complete; nothing is left to resume
     refused = [r for r in recorder.institutions if r["status"] != ReplyStatus.OK.value]
     summary["refused_updates"] = len(refused)
     summary["stopped_reason"] = stopped_reason or None

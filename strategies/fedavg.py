@@ -50,16 +50,18 @@ class FedAvg(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return with_catch_up(self.setup, server_round, super().configure_train(server_round, arrays, config, grid))
+        absolute = server_round + self.setup.round_offset
+        return with_catch_up(self.setup, absolute, super().configure_train(absolute, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        outcome = aggregate_train_replies(server_round, replies, self.setup)
+        absolute = server_round + self.setup.round_offset
+        outcome = aggregate_train_replies(absolute, replies, self.setup)
         arrays = outcome.arrays
         if outcome.accepted and self.setup.mode is SecureAggregationMode.NONE:
             arrays = weighted_mean_arrays(outcome.accepted, self.setup.layout)
-        finish_train(self.setup, server_round, outcome, arrays)
+        finish_train(self.setup, absolute, outcome, arrays)
         return arrays, outcome.metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

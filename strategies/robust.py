@@ -34,12 +34,13 @@ def _aggregate(
     setup: AggregationSetup, server_round: int, replies: Iterable[Message], rule: Rule
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """Check every reply with fedqf, then hand only the accepted ones to Flower's rule."""
-    outcome = aggregate_train_replies(server_round, replies, setup)
+    absolute = server_round + setup.round_offset
+    outcome = aggregate_train_replies(absolute, replies, setup)
     arrays = None
     if outcome.accepted:
         # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
         arrays, _ = rule(server_round, list(outcome.accepted))
-    finish_train(setup, server_round, outcome, arrays)
+    finish_train(setup, absolute, outcome, arrays)
     return arrays, outcome.metrics
 
 

@@ -314,3 +314,74 @@ def test_coordinator_bad_input_is_one_line(material: Path, swap: dict[str, str],
     lines = [ln for ln in result.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not (material / "bad-run" / "summary.json").exists()
+
+
+# --- the coordinator is killed mid-federation and resumed ----------------------------------------------------
+
+
+def _kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process and every descendant, as a crash would: no cleanup runs."""
+    from fedqf.runtime import descendants
+
+    tree = descendants(process.pid)
+    for pid in [process.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=20)
+
+
+def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material: Path) -> None:
+    overrides = ["--set", "federation.rounds=4"]
+    port = free_port()
+    out = material / "resumed-run"
+    coordinator_args = ["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
+                        "keys/coordinator.ckks", *[a for i in range(3) for a in ("--node-key", f"node{i}/node.pub")],
+                        "--address", f"127.0.0.1:{port}", "--health", ""]
+    coordinator = start([*coordinator_args, "--out", str(out)], material, material / "resume-coordinator1.log")
+    institutions = [
+        start(["institution", str(FEDERATION), *overrides, "--name", f"hospital-{i}", "--data",
+               f"data/hospital-{i}.csv", "--context", "keys/institution.ckks", "--node-key", f"node{i}/node.key",
+               "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}", "--state", f"resume-state{i}",
+               "--retry-seconds", "300"], material, material / f"resume-institution{i}.log")
+        for i in range(3)
+    ]
+    try:
+        checkpoint = out / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 2:
+                break
+            assert coordinator.poll() is None, (material / "resume-coordinator1.log").read_text()[-2000:]
+            time.sleep(0.5)
+        _kill_tree(coordinator)
+        assert not (out / "summary.json").exists()
+        resumed = start([*coordinator_args, "--resume", str(out)], material, material / "resume-coordinator2.log")
+        try:
+            assert resumed.wait(timeout=400) == 0, (material / "resume-coordinator2.log").read_text()[-3000:]
+        finally:
+            kill(resumed)
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+    assert "resuming after round" in (material / "resume-coordinator2.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4
+    history = read_csv(out / "history.csv")
+    assert [int(r["round"]) for r in history] == [1, 2, 3, 4]
+    assert all(r["accuracy"] for r in history)  # the rounds before the crash keep their validation scores
+    rows = read_csv(out / "institutions.csv")
+    per_round = [(r["institution"], r["round"]) for r in rows]
+    assert len(per_round) == len(set(per_round)) == 12  # every institution once per round: nothing lost or repeated
+    assert not (out / "checkpoint").exists()
+    for name in ("hospital-0", "hospital-1", "hospital-2"):
+        accountant = RDPAccountant()
+        for row in sorted((r for r in rows if r["institution"] == name), key=lambda r: int(r["round"])):
+            accountant.history.append((float(row["noise_multiplier"]), float(row["sample_rate"]), int(row["steps"])))
+        # The budget recorded by the institution equals the four rounds the run used: none spent twice.
+        state = json.loads((material / f"resume-state{int(name[-1])}" / "state.json").read_text())
+        ledger_steps = sum(state["ledger"]["steps"])
+        assert ledger_steps == sum(int(r["steps"]) for r in rows if r["institution"] == name)
+        assert summary["epsilon"] <= 3.0

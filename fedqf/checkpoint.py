@@ -1,0 +1,116 @@
+"""The coordinator's checkpoint: everything needed to continue a federation after the last completed round.
+
+Written after every round into RUN_DIR/checkpoint/ (records first, then the JSON that names the round, each with
+write, fsync, rename), read by `fedqf coordinator --resume RUN_DIR`, removed once the run directory is complete.
+It holds no secret: the global model in plaintext runs, ciphertexts under CKKS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedqf.errors import FedqfError
+from fedqf.rundir import atomic_write_bytes
+
+DIRECTORY = "checkpoint"
+
+
+class CheckpointError(FedqfError):
+    """A checkpoint is missing, unreadable, or belongs to another federation."""
+
+    exit_code = 2
+
+
+def config_digest(config_text: str) -> str:
+    return hashlib.sha256(config_text.encode()).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """The federation after `completed_round` rounds."""
+
+    completed_round: int
+    digest: str
+    latest: ArrayRecord | None
+    initial: ArrayRecord | None
+    aggregates: dict[int, ArrayRecord] = field(default_factory=dict)
+    node_rounds: dict[int, int] = field(default_factory=dict)
+    institutions: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: dict[int, dict[str, float] | None] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> None:
+        directory = run_dir / DIRECTORY
+        records = RecordDict()
+        if self.latest is not None:
+            records["latest"] = self.latest
+        if self.initial is not None:
+            records["initial"] = self.initial
+        for number, record in self.aggregates.items():
+            records[f"aggregate.{number}"] = record
+        name = f"records-{self.completed_round:06d}.bin"
+        atomic_write_bytes(directory / name, bytes(recorddict_to_proto(records).SerializeToString()))
+        state = {
+            "completed_round": self.completed_round,
+            "digest": self.digest,
+            "records": name,
+            "node_rounds": {str(k): v for k, v in self.node_rounds.items()},
+            "institutions": self.institutions,
+            "rows": self.rows,
+            "evaluations": {str(k): v for k, v in self.evaluations.items()},
+        }
+        atomic_write_bytes(directory / "state.json", (json.dumps(state) + "\n").encode())
+        for stale in directory.glob("records-*.bin"):
+            if stale.name != name:
+                stale.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, run_dir: Path, *, digest: str) -> Checkpoint:
+        """Read the checkpoint; CheckpointError if there is none, it is unreadable, or its federation differs."""
+        directory = run_dir / DIRECTORY
+        path = directory / "state.json"
+        if not path.exists():
+            raise CheckpointError(f"{run_dir}: no checkpoint to resume from (expected {path})")
+        try:
+            state = json.loads(path.read_text())
+            proto = ProtoRecordDict()
+            proto.ParseFromString((directory / str(state["records"])).read_bytes())
+            records = recorddict_from_proto(proto)
+            checkpoint = cls(
+                completed_round=int(state["completed_round"]),
+                digest=str(state["digest"]),
+                latest=_array_record(records, "latest"),
+                initial=_array_record(records, "initial"),
+                aggregates={int(k.split(".", 1)[1]): v for k, v in records.items()
+                            if k.startswith("aggregate.") and isinstance(v, ArrayRecord)},
+                node_rounds={int(k): int(v) for k, v in state["node_rounds"].items()},
+                institutions=list(state["institutions"]),
+                rows=list(state["rows"]),
+                evaluations={int(k): v for k, v in state["evaluations"].items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: the checkpoint is unreadable ({exc})") from exc
+        if checkpoint.digest != digest:
+            raise CheckpointError(
+                f"{run_dir}: the checkpoint belongs to another federation (its config differs); expected the same "
+                "federation file and --set overrides as the interrupted run"
+            )
+        return checkpoint
+
+    @staticmethod
+    def remove(run_dir: Path) -> None:
+        shutil.rmtree(run_dir / DIRECTORY, ignore_errors=True)
+
+
+def _array_record(records: RecordDict, key: str) -> ArrayRecord | None:
+    value = records.get(key)
+    return value if isinstance(value, ArrayRecord) else None
