@@ -30,6 +30,7 @@ from fedqf.protocol import (
     InstitutionReport,
     ReplyStatus,
     encrypted_to_record,
+    is_encrypted,
     record_to_encrypted,
     report_from_reply,
 )
@@ -59,6 +60,7 @@ class AggregationSetup:
     observer: RoundObserver | None = None
     encrypted_length: int = 0  # values per encrypted update: the model size, or its packed slot count
     round_offset: int = 0  # rounds completed before this coordinator (re)started: Flower counts from 1 again
+    max_update_norm: float = 0.0  # plaintext: reject updates farther than this from the round's global model
 
     @property
     def expected_length(self) -> int:
@@ -126,7 +128,23 @@ def _check_weight(report: InstitutionReport) -> float:
     return weight
 
 
-def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup: AggregationSetup) -> TrainAggregate:
+def _check_update_norm(message: Message, setup: AggregationSetup, reference: ArrayRecord) -> None:
+    record = message.content[ARRAYS]
+    assert isinstance(record, ArrayRecord)
+    squared = 0.0
+    for name in setup.layout.names:
+        diff = record[name].numpy().astype(np.float64) - reference[name].numpy().astype(np.float64)
+        squared += float(np.sum(diff * diff))
+    norm = math.sqrt(squared)
+    if norm > setup.max_update_norm:
+        raise UpdateRejectedError(
+            f"the update moves the model by {norm:.4g} (L2), beyond strategy.max_update_norm = {setup.max_update_norm:g}"
+        )
+
+
+def aggregate_train_replies(
+    server_round: int, replies: Iterable[Message], setup: AggregationSetup, *, reference: ArrayRecord | None = None
+) -> TrainAggregate:
     """Check every reply and aggregate the accepted ones.
 
     CKKS: S = sum_k c_k over accepted ciphertexts, added one at a time into a running sum (memory does not
@@ -153,6 +171,8 @@ def aggregate_train_replies(server_round: int, replies: Iterable[Message], setup
                     running.add(record_to_encrypted(record))
                 else:
                     _check_plain_update(message, setup.layout)
+                    if setup.max_update_norm > 0 and reference is not None and not is_encrypted(reference):
+                        _check_update_norm(message, setup, reference)
                 weight_sum += weight
                 accepted.append(message)
             except FedqfError as exc:

@@ -95,6 +95,9 @@ class StrategySection:
     proximal_mu: float = 0.01
     trim_fraction: float = 0.2
     krum_byzantine: int = 0
+    # Plaintext only: reject an update whose weights lie farther than this (L2) from the global model it started
+    # from; 0 turns the check off. Under CKKS institutions clip their deltas and the coordinator sees no values.
+    max_update_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "strategy.proximal_mu": (0, None, True, True),
     "strategy.trim_fraction": (0, 0.5, True, False),
     "strategy.krum_byzantine": (0, None, True, True),
+    "strategy.max_update_norm": (0, None, True, True),
     "secure_aggregation.poly_modulus_degree": (4096, 32768, True, True),
     "secure_aggregation.scale_bits": (20, 60, True, True),
     "secure_aggregation.delta_clip": (0, None, False, True),

@@ -235,6 +235,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         observer=recorder,
         encrypted_length=scheme.slots_needed(layout.size) if scheme is not None else 0,
         round_offset=offset,
+        max_update_norm=config.strategy.max_update_norm,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",

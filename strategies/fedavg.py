@@ -42,6 +42,7 @@ class FedAvg(FlowerFedAvg):
             min_available_nodes=min_institutions,
         )
         self.setup = setup
+        self.global_arrays: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedAvg:
@@ -51,13 +52,14 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = server_round + self.setup.round_offset
+        self.global_arrays = arrays  # the reference the round's plaintext updates are checked against
         return with_catch_up(self.setup, absolute, super().configure_train(absolute, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         absolute = server_round + self.setup.round_offset
-        outcome = aggregate_train_replies(absolute, replies, self.setup)
+        outcome = aggregate_train_replies(absolute, replies, self.setup, reference=self.global_arrays)
         arrays = outcome.arrays
         if outcome.accepted and self.setup.mode is SecureAggregationMode.NONE:
             arrays = weighted_mean_arrays(outcome.accepted, self.setup.layout)

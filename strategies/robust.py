@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
@@ -31,11 +32,11 @@ Rule = Callable[[int, Iterable[Message]], tuple[ArrayRecord | None, MetricRecord
 
 
 def _aggregate(
-    setup: AggregationSetup, server_round: int, replies: Iterable[Message], rule: Rule
+    setup: AggregationSetup, server_round: int, replies: Iterable[Message], rule: Rule, reference: ArrayRecord | None
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """Check every reply with fedqf, then hand only the accepted ones to Flower's rule."""
+    """Check every reply with fedqf (against the round's global model), then hand the accepted ones to Flower's rule."""
     absolute = server_round + setup.round_offset
-    outcome = aggregate_train_replies(absolute, replies, setup)
+    outcome = aggregate_train_replies(absolute, replies, setup, reference=reference)
     arrays = None
     if outcome.accepted:
         # Only checked updates reach Flower's rule; its metrics aggregation needs identical keys, which they have.
@@ -55,13 +56,20 @@ class FedMedian(FlowerFedMedian):
         super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
                          min_available_nodes=min_institutions)
         self.setup = setup
+        self.global_arrays: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedMedian:
         return cls(setup=setup, min_institutions=config.federation.required_institutions)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
@@ -78,6 +86,7 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
         super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
                          min_available_nodes=min_institutions, beta=beta)
         self.setup = setup
+        self.global_arrays: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedTrimmedAvg:
@@ -85,7 +94,13 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
                    beta=config.strategy.trim_fraction)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
@@ -102,6 +117,7 @@ class Krum(FlowerKrum):
         super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
                          min_available_nodes=min_institutions, num_malicious_nodes=num_malicious_nodes)
         self.setup = setup
+        self.global_arrays: ArrayRecord | None = None
 
     @classmethod
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> Krum:
@@ -109,7 +125,13 @@ class Krum(FlowerKrum):
                    num_malicious_nodes=config.strategy.krum_byzantine)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self.setup, server_round, replies, super().aggregate_train)
+        return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))

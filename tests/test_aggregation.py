@@ -198,3 +198,19 @@ def test_the_coordinator_refuses_a_private_context(secret) -> None:  # type: ign
     with pytest.raises(FedqfError, match="must not hold a CKKS secret key"):
         AggregationSetup(mode=SecureAggregationMode.CKKS, layout=LAYOUT, public_context=secret,
                          fingerprint=key_fingerprint(secret))
+
+
+def test_plaintext_update_far_beyond_the_bound_is_rejected() -> None:
+    observer = Observer()
+    setup = AggregationSetup(mode=SecureAggregationMode.NONE, layout=LAYOUT, observer=observer, max_update_norm=1.0)
+    reference = ArrayRecord({"w": Array(np.zeros((4, 3), dtype=np.float32)), "b": Array(np.zeros(3, dtype=np.float32))})
+    near = [np.full((4, 3), 0.1), np.zeros(3)]
+    far = [np.full((4, 3), 10.0), np.zeros(3)]
+    strategy = FedAvg(setup=setup, min_institutions=1)
+    strategy.global_arrays = reference
+    arrays, _ = strategy.aggregate_train(1, [_plain_reply(0, near, 10), _plain_reply(1, far, 10)])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.1, rtol=1e-6)
+    reasons = {r.node_id: (r.status.value, r.reason) for r in observer.reports[1]}
+    assert reasons[0][0] == "ok"
+    assert reasons[1][0] == "rejected" and "beyond strategy.max_update_norm = 1" in reasons[1][1]
