@@ -385,3 +385,45 @@ def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material
         ledger_steps = sum(state["ledger"]["steps"])
         assert ledger_steps == sum(int(r["steps"]) for r in rows if r["institution"] == name)
         assert summary["epsilon"] <= 3.0
+
+
+def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> None:
+    """Kill one of three institutions after round 1: rounds go on with two (the minimum); restarted, it catches up."""
+    overrides = ["--set", "federation.rounds=5", "--set", "federation.min_institutions=2",
+                 "--set", "federation.round_timeout=20"]
+    port = free_port()
+    out = material / "dropout-run"
+    coordinator = start(["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
+                         "keys/coordinator.ckks", *[a for i in range(3) for a in ("--node-key", f"node{i}/node.pub")],
+                         "--address", f"127.0.0.1:{port}", "--health", "", "--out", str(out)],
+                        material, material / "dropout-coordinator.log")
+
+    def institution(i: int, log_name: str) -> subprocess.Popen[bytes]:
+        return start(["institution", str(FEDERATION), *overrides, "--name", f"hospital-{i}", "--data",
+                      f"data/hospital-{i}.csv", "--context", "keys/institution.ckks", "--node-key",
+                      f"node{i}/node.key", "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}",
+                      "--state", f"dropout-state{i}", "--retry-seconds", "300"], material, material / log_name)
+
+    institutions = [institution(i, f"dropout-institution{i}.log") for i in range(3)]
+    try:
+        rows_path = out / "institutions.csv"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (rows_path.exists() and len(read_csv(rows_path)) >= 3):
+            time.sleep(0.5)
+        _kill_tree(institutions[2])  # a crash: no goodbye
+        while time.monotonic() < deadline and not (rows_path.exists() and {r["round"] for r in read_csv(rows_path)}
+                                                   >= {"3"}):
+            time.sleep(0.5)
+        institutions[2] = institution(2, "dropout-institution2-restarted.log")
+        assert coordinator.wait(timeout=400) == 0, (material / "dropout-coordinator.log").read_text()[-3000:]
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 5
+    rows = read_csv(out / "institutions.csv")
+    trained = {r: {x["institution"] for x in rows if x["round"] == r and x["status"] == "ok"} for r in "12345"}
+    assert any(len(names) == 2 for names in trained.values())  # at least one round went on without hospital-2
+    assert "hospital-2" in trained["5"]  # it came back, caught up, and trained the last round
+    assert "caught up" in (material / "dropout-institution2-restarted.log").read_text()
