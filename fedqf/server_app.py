@@ -160,7 +160,8 @@ def _final_evaluation(grid: Grid, recorder: ProgressRecorder, config_text: str, 
     assert recorder.latest_arrays is not None
     content = RecordDict({ARRAYS: recorder.latest_arrays,
                           CONFIG: ConfigRecord({FEDERATION_TOML: config_text, "server-round": recorder.latest_round})})
-    messages = [Message(content, message_type=MessageType.EVALUATE, dst_node_id=node)
+    messages = [Message(RecordDict({**dict(content.items()), **recorder.catch_up(node, recorder.latest_round + 1)}),
+                        message_type=MessageType.EVALUATE, dst_node_id=node)
                 for node in sorted(grid.get_node_ids())]
     replies = grid.send_and_receive(messages, timeout=timeout)
     recorder.record_evaluation(recorder.latest_round, aggregate_evaluate_replies(recorder.latest_round, replies))
