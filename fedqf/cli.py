@@ -141,8 +141,10 @@ def _print_table(out_dir: Path) -> None:
           f"wall time {summary['wall_seconds']:.1f} s")
     if summary.get("stopped_reason"):
         print(f"stopped early: {summary['stopped_reason']}")
-    if summary.get("refused_updates"):
-        print(f"updates refused or rejected: {summary['refused_updates']} (see institutions.csv)")
+    problems = {"rejected updates": summary.get("rejected_updates"), "failed replies": summary.get("failed_replies"),
+                "budget refusals": summary.get("budget_refusals")}
+    if any(problems.values()):
+        print("; ".join(f"{k}: {v}" for k, v in problems.items() if v) + " (see institutions.csv)")
     print(f"run directory: {out_dir}")
 
 

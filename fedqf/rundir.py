@@ -83,8 +83,14 @@ class RunRecorder:
     out_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     institutions: list[dict[str, Any]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> the name the institution declared
 
     def record_train(self, server_round: int, reports: Sequence[InstitutionReport]) -> None:
+        for report in reports:
+            if report.name:
+                self.names[report.node_id] = report.name
+        reports = [r if r.name or r.node_id not in self.names else
+                   InstitutionReport(r.node_id, r.status, r.reason, r.metrics, self.names[r.node_id]) for r in reports]
         for report in sorted(reports, key=lambda r: r.label):
             m = report.metrics
             self.institutions.append(

@@ -345,8 +345,10 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             scheme.bytes_per_parameter(params) if scheme is not None else 32.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
         )
     Checkpoint.remove(inputs.out_dir)  # the run directory is complete; nothing is left to resume
-    refused = [r for r in recorder.institutions if r["status"] != ReplyStatus.OK.value]
-    summary["refused_updates"] = len(refused)
+    statuses = [r["status"] for r in recorder.institutions]
+    summary["rejected_updates"] = statuses.count(ReplyStatus.REJECTED.value)  # malformed, wrong key, out of bounds
+    summary["failed_replies"] = statuses.count(ReplyStatus.FAILED.value)  # unreachable or failed institutions
+    summary["budget_refusals"] = statuses.count(ReplyStatus.BUDGET_EXHAUSTED.value)
     summary["stopped_reason"] = stopped_reason or None
     recorder.write_summary(summary)
     log(INFO, "fedqf: run directory written to %s", inputs.out_dir)

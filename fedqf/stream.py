@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 
 
@@ -47,16 +48,32 @@ class StreamingGrid(Grid):
         return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self._inner.push_messages(messages))
-        return self._replies(pending, timeout)
+        outgoing = list(messages)
+        ids = list(self._inner.push_messages(outgoing))
+        destinations = {mid: m.metadata.dst_node_id for mid, m in zip(ids, outgoing)}
+        return self._replies(set(ids), timeout, destinations)
 
-    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
+    def _replies(self, pending: set[str], timeout: float | None, destinations: dict[str, int]) -> Iterator[Message]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending and (deadline is None or time.monotonic() < deadline):
             arrived = list(self._inner.pull_messages(list(pending)))
             for message in arrived:
                 pending.discard(message.metadata.reply_to_message_id)
             while arrived:
-                yield arrived.pop(0)  # the strategy consumes it before the next is kept
+                # the strategy consumes each reply before the next is kept
+                yield _attributed(arrived.pop(0), destinations)
             if pending:
                 time.sleep(self._poll_interval)
+
+
+def _attributed(message: Message, destinations: dict[str, int]) -> Message:
+    """An error reply that the SuperLink wrote for an unreachable node names the SuperLink as its sender; name the
+    institution it was meant for instead, so the failure is recorded against it."""
+    node = destinations.get(message.metadata.reply_to_message_id)
+    if not message.has_error() or node is None or message.metadata.src_node_id == node:
+        return message
+    m = message.metadata
+    metadata = Metadata(run_id=m.run_id, message_id=m.message_id, src_node_id=node, dst_node_id=m.dst_node_id,
+                        reply_to_message_id=m.reply_to_message_id, group_id=m.group_id, created_at=m.created_at,
+                        ttl=m.ttl, message_type=m.message_type)
+    return make_message(metadata, None, message.error)
