@@ -276,9 +276,11 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             if time.monotonic() - failing_since > settings.retry_seconds:
                 raise FederationError(f"the SuperNode could not join the coordinator at {settings.superlink} "
                                       f"for {settings.retry_seconds:.0f} s: {reason}")
-            printer(f"fedqf: {settings.name}: not admitted by the coordinator yet ({reason}); retrying in {delay:.0f} s")
+            printer(f"fedqf: {settings.name}: the coordinator did not accept this SuperNode yet ({reason}); it may be "
+                    f"down, not have this node key yet, or still hold this node's previous session; retrying in "
+                    f"{delay:.0f} s")
             time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, 5.0)  # short: a restarted node is let in as soon as its old session expires
         return 0
     finally:
         if supernode is not None:

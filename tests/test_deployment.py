@@ -389,7 +389,7 @@ def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material
 
 def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> None:
     """Kill one of three institutions after round 1: rounds go on with two (the minimum); restarted, it catches up."""
-    overrides = ["--set", "federation.rounds=7", "--set", "federation.min_institutions=2",
+    overrides = ["--set", "federation.rounds=9", "--set", "federation.min_institutions=2",
                  "--set", "federation.round_timeout=20"]
     port = free_port()
     out = material / "dropout-run"
@@ -410,10 +410,7 @@ def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> No
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (rows_path.exists() and len(read_csv(rows_path)) >= 3):
             time.sleep(0.5)
-        _kill_tree(institutions[2])  # a crash: no goodbye
-        while time.monotonic() < deadline and not (rows_path.exists() and {r["round"] for r in read_csv(rows_path)}
-                                                   >= {"2"}):
-            time.sleep(0.5)
+        _kill_tree(institutions[2])  # a crash: no goodbye; it is restarted at once, as a service manager would
         institutions[2] = institution(2, "dropout-institution2-restarted.log")
         assert coordinator.wait(timeout=400) == 0, (material / "dropout-coordinator.log").read_text()[-3000:]
     finally:
@@ -421,11 +418,11 @@ def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> No
         for process in institutions:
             kill(process)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 7
+    assert summary["rounds_completed"] == 9
     rows = read_csv(out / "institutions.csv")
-    trained = {r: {x["institution"] for x in rows if x["round"] == r and x["status"] == "ok"} for r in "1234567"}
+    trained = {r: {x["institution"] for x in rows if x["round"] == r and x["status"] == "ok"} for r in "123456789"}
     left_out = [r for r, names in trained.items() if "hospital-2" not in names]
     assert left_out and all(len(trained[r]) == 2 for r in left_out)  # rounds went on without hospital-2
-    back = [r for r in "34567" if "hospital-2" in trained[r]]
+    back = [r for r in "3456789" if "hospital-2" in trained[r]]
     assert back and max(left_out) < max(back)  # it came back, caught up, and trained again
     assert "caught up" in (material / "dropout-institution2-restarted.log").read_text()
