@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
@@ -45,22 +46,13 @@ def _aggregate(
     return arrays, outcome.metrics
 
 
-class FedMedian(FlowerFedMedian):
-    """Coordinate-wise median of the institutions' weights (Yin et al., 2018)."""
+class _CheckedRule(FlowerFedAvg):
+    """What the three rules share: fedqf checks every update (against the round's global model) before Flower's rule
+    sees it, rounds count on after a coordinator restart, and validation arrives with the next train replies."""
 
-    needs_individual_updates: ClassVar[bool] = True
+    setup: AggregationSetup
+    global_arrays: ArrayRecord | None
     configure_evaluate = no_separate_evaluation
-
-    def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
-        _plain_only("fedmedian", setup)
-        super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
-                         min_available_nodes=min_institutions)
-        self.setup = setup
-        self.global_arrays: ArrayRecord | None = None
-
-    @classmethod
-    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedMedian:
-        return cls(setup=setup, min_institutions=config.federation.required_institutions)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
@@ -75,11 +67,27 @@ class FedMedian(FlowerFedMedian):
         return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
 
 
-class FedTrimmedAvg(FlowerFedTrimmedAvg):
+class FedMedian(_CheckedRule, FlowerFedMedian):
+    """Coordinate-wise median of the institutions' weights (Yin et al., 2018)."""
+
+    needs_individual_updates: ClassVar[bool] = True
+
+    def __init__(self, *, setup: AggregationSetup, min_institutions: int) -> None:
+        _plain_only("fedmedian", setup)
+        super().__init__(min_train_nodes=min_institutions, min_evaluate_nodes=min_institutions,
+                         min_available_nodes=min_institutions)
+        self.setup = setup
+        self.global_arrays: ArrayRecord | None = None
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> FedMedian:
+        return cls(setup=setup, min_institutions=config.federation.required_institutions)
+
+
+class FedTrimmedAvg(_CheckedRule, FlowerFedTrimmedAvg):
     """Coordinate-wise trimmed mean, dropping the `beta` fraction at each end (Yin et al., 2018)."""
 
     needs_individual_updates: ClassVar[bool] = True
-    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int, beta: float) -> None:
         _plain_only("fedtrimmedavg", setup)
@@ -93,24 +101,11 @@ class FedTrimmedAvg(FlowerFedTrimmedAvg):
         return cls(setup=setup, min_institutions=config.federation.required_institutions,
                    beta=config.strategy.trim_fraction)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.global_arrays = arrays
-        return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
-
-
-class Krum(FlowerKrum):
+class Krum(_CheckedRule, FlowerKrum):
     """Krum (Blanchard et al., 2017): the update closest to its n - f - 2 nearest neighbours."""
 
     needs_individual_updates: ClassVar[bool] = True
-    configure_evaluate = no_separate_evaluation
 
     def __init__(self, *, setup: AggregationSetup, min_institutions: int, num_malicious_nodes: int) -> None:
         _plain_only("krum", setup)
@@ -123,15 +118,3 @@ class Krum(FlowerKrum):
     def from_config(cls, config: FederationConfig, *, setup: AggregationSetup) -> Krum:
         return cls(setup=setup, min_institutions=config.federation.required_institutions,
                    num_malicious_nodes=config.strategy.krum_byzantine)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return _aggregate(self.setup, server_round, replies, super().aggregate_train, self.global_arrays)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.global_arrays = arrays
-        return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return record_evaluation(self.setup, server_round, aggregate_evaluate_replies(server_round, replies))
