@@ -65,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Create DIR/ca.crt (give it to institutions), DIR/ca.key, DIR/server.crt and DIR/server.key "
         "(keys mode 0600) for the coordinator's host names.")
     certs_new.add_argument("directory", type=Path)
-    certs_new.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME",
+    certs_new.add_argument("--host", dest="hosts", action="extend", nargs="+", required=True, metavar="NAME",
                            help="a DNS name or IP address institutions use to reach the coordinator; repeatable")
     certs_new.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
 
