@@ -34,43 +34,30 @@ if str(REPO) not in sys.path:
 
 from fedqf.errors import FederationError
 from fedqf.runtime import (
-    CONNECTION,
     SuperLink,
+    app_manifest,
     flower_environment,
     free_port,
     start_superlink,
     stop_process_group,
+    submit_run,
 )
 
 FEDERATION = REPO / "sandboxes" / "deployment" / "federation.toml"
 BIN = Path(sys.executable).parent
 FEDQF = str(BIN / "fedqf")
 
-_STOCK_MANIFEST = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "stock-flower-deployment-bench"
-version = "0.1.0"
-description = "stock Flower FedAvg baseline for fedqf's deployment round-time benchmark"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedqf"
-
-[tool.flwr.app.components]
-serverapp = "stock_deployment_app:server"
-clientapp = "stock_deployment_app:client"
-
-[tool.flwr.app.config]
-bench-config = ""
-bench-data-dir = ""
-bench-out = ""
-bench-trace = ""
-"""
+_STOCK_MANIFEST = app_manifest(
+    name="stock-flower-deployment-bench",
+    description="stock Flower FedAvg baseline for fedqf's deployment round-time benchmark",
+    serverapp="stock_deployment_app:server",
+    clientapp="stock_deployment_app:client",
+    config={"bench-config": "", "bench-data-dir": "", "bench-out": "", "bench-trace": ""},
+)
+# The apps import from benchmarks/ itself: opacus installs a top-level `benchmarks` package that would shadow this
+# repo's `benchmarks.` namespace. The ServerApp and simulation workers inherit the SuperLink's environment.
+APP_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "benchmarks"), str(REPO),
+                                                      os.environ.get("PYTHONPATH", "")) if p)}
 
 
 # --- memory: the resident set of a process tree, sampled -------------------------------------------------------
@@ -271,47 +258,30 @@ class StockRun:
 def run_stock(work: Path, *, institutions: int, data_dir: Path, timeout: float = 600.0) -> StockRun:
     work.mkdir(parents=True, exist_ok=True)
     result_path, trace_path = work / "stock.json", work / "trace.jsonl"
-    app_dir = work / "app"
-    app_dir.mkdir(exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(_STOCK_MANIFEST)
-    # The ServerApp (a child of the SuperLink) and every ClientApp (children of the SuperNodes) import the app
-    # from benchmarks/ (see round_time.py on why not `benchmarks.`); start_superlink copies os.environ.
-    saved = os.environ.get("PYTHONPATH")
-    pythonpath = os.pathsep.join(p for p in (str(REPO / "benchmarks"), str(REPO), saved or "") if p)
     superlink: SuperLink | None = None
     supernodes: list[subprocess.Popen[bytes]] = []
     started = time.perf_counter()
     try:
-        os.environ["PYTHONPATH"] = pythonpath
-        try:
-            superlink = start_superlink(work, simulation=False)
-        finally:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+        # The ServerApp (a child of the SuperLink) and every ClientApp (children of the SuperNodes) import the app.
+        superlink = start_superlink(work, simulation=False, env=APP_PATH)
         for k in range(institutions):
             home = work / f"supernode{k}"
             home.mkdir(exist_ok=True)
-            env = flower_environment({"FLWR_HOME": str(home), "PYTHONPATH": pythonpath})
+            env = flower_environment({"FLWR_HOME": str(home), **APP_PATH})
             with (work / f"supernode{k}.log").open("wb") as handle:
                 supernodes.append(subprocess.Popen(
                     ["flower-supernode", "--insecure", "--superlink", superlink.address,
                      "--node-config", f"partition-id={k} num-partitions={institutions}", "--port", str(free_port())],
                     stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True,
                 ))  # fmt: skip
-        run_config = " ".join(f'{k}="{v}"' for k, v in {
+        lines = submit_run(superlink, work / "app", manifest=_STOCK_MANIFEST, timeout=timeout, run_config={
             "bench-config": str(FEDERATION), "bench-data-dir": str(data_dir.resolve()),
-            "bench-out": str(result_path), "bench-trace": str(trace_path)}.items())
-        runner = subprocess.run(
-            ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env, cwd=work, timeout=timeout,
-            check=False,
-        )  # fmt: skip
-        (work / "flwr-run.log").write_bytes(runner.stdout)
+            "bench-out": str(result_path), "bench-trace": str(trace_path)})
+        (work / "flwr-run.log").write_text("\n".join(lines) + "\n")
         outer = time.perf_counter() - started
         if not result_path.exists():
-            raise FederationError(f"the stock Flower run wrote no result:\n{runner.stdout.decode(errors='replace')[-3000:]}")
+            tail = "\n".join(lines)[-3000:]
+            raise FederationError(f"the stock Flower run wrote no result:\n{tail}")
     finally:
         for process in supernodes:
             stop_process_group(process)

@@ -1,6 +1,6 @@
 """Per-round time of fedqf (CKKS + DP-SGD) against stock Flower FedAvg, both in Flower's simulation runtime.
 
-(a) fedqf's default sandbox through `fedqf.simulation.run_simulation`; (b) benchmarks/stock_flower_app.py (the same
+(a) fedqf's default sandbox through `fedqf.simulation.simulate_federation`; (b) benchmarks/stock_flower_app.py (the same
 model, seed and data split, plain SGD, no encryption, no DP) through the same runtime: a private
 `flower-superlink --simulation` and `flwr run APP_DIR CONNECTION --stream`.
 
@@ -29,32 +29,20 @@ if str(REPO) not in sys.path:
 
 from fedqf.config import FederationConfig, dump_config, load_config
 from fedqf.errors import FederationError
-from fedqf.runtime import CONNECTION, SuperLink, start_superlink
-from fedqf.simulation import run_simulation, sandbox_default_path
+from fedqf.runtime import SuperLink, app_manifest, start_superlink, submit_run
+from fedqf.simulation import federation_options, sandbox_default_path, simulate_federation
 
-_STOCK_MANIFEST = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "stock-flower-bench"
-version = "0.1.0"
-description = "stock Flower FedAvg baseline for fedqf's round-time benchmark"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedqf"
-
-[tool.flwr.app.components]
-serverapp = "stock_flower_app:server"
-clientapp = "stock_flower_app:client"
-
-[tool.flwr.app.config]
-bench-config = ""
-bench-out = ""
-"""
+_STOCK_MANIFEST = app_manifest(
+    name="stock-flower-bench",
+    description="stock Flower FedAvg baseline for fedqf's round-time benchmark",
+    serverapp="stock_flower_app:server",
+    clientapp="stock_flower_app:client",
+    config={"bench-config": "", "bench-out": ""},
+)
+# The apps import from benchmarks/ itself: opacus installs a top-level `benchmarks` package that would shadow this
+# repo's `benchmarks.` namespace. The ServerApp and simulation workers inherit the SuperLink's environment.
+APP_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "benchmarks"), str(REPO),
+                                                      os.environ.get("PYTHONPATH", "")) if p)}
 
 
 @dataclass(frozen=True)
@@ -80,17 +68,13 @@ class RunTimes:
 
 def run_fedqf(config: FederationConfig, out_dir: Path) -> RunTimes:
     started = time.perf_counter()
-    run_simulation(config, out_dir=out_dir, base_dir=None)
+    simulate_federation(config, out_dir=out_dir, base_dir=None)
     outer = time.perf_counter() - started
     with (out_dir / "history.csv").open(newline="") as handle:
         seconds = tuple(float(row["round_seconds"]) for row in csv.DictReader(handle))
     summary = json.loads((out_dir / "summary.json").read_text())
     return RunTimes("fedqf CKKS + DP-SGD", seconds, float(summary["wall_seconds"]), outer,
                     float(summary["final_accuracy"]))
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
@@ -101,43 +85,16 @@ def run_stock(config: FederationConfig, out_dir: Path) -> RunTimes:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fedqf-bench-"))
     superlink: SuperLink | None = None
-    saved_pythonpath = os.environ.get("PYTHONPATH")
     try:
         config_path = work / "federation.toml"
         config_path.write_text(dump_config(config))
-        app_dir = work / "app"
-        app_dir.mkdir()
-        # fedqf.runtime.submit_run would write fedqf's own manifest: the stock app needs its own.
-        (app_dir / "pyproject.toml").write_text(_STOCK_MANIFEST)
-        # benchmarks/ itself goes on PYTHONPATH (the ServerApp and every Ray worker inherit the SuperLink's
-        # environment): `benchmarks.stock_flower_app` would not import, as opacus 1.6.0 installs a top-level
-        # `benchmarks` package whose __init__.py wins over this repo's namespace directory. start_superlink
-        # builds its environment from os.environ, so PYTHONPATH is set there for the duration of the start.
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO / "benchmarks"), str(REPO), saved_pythonpath or "") if p
-        )
-        try:
-            superlink = start_superlink(work, simulation=True)
-        finally:
-            if saved_pythonpath is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved_pythonpath
-        run_config = " ".join(f"{k}={_quote(v)}" for k, v in
-                              {"bench-config": str(config_path), "bench-out": str(result_path)}.items())
-        federation = (
-            f"num-supernodes={config.federation.institutions} "
-            f"client-resources-num-cpus={config.simulation.cpus_per_institution} "
-            f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
-        )
-        runner = subprocess.run(
-            ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config,
-             "--federation-config", federation],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env, cwd=work, check=False,
-        )  # fmt: skip
-        (out_dir / "stock.log").write_bytes(runner.stdout)
+        superlink = start_superlink(work, simulation=True, env=APP_PATH)
+        lines = submit_run(superlink, work / "app", manifest=_STOCK_MANIFEST,
+                           run_config={"bench-config": str(config_path), "bench-out": str(result_path)},
+                           federation_config=federation_options(config))
+        (out_dir / "stock.log").write_text("\n".join(lines) + "\n")
         if not result_path.exists():
-            tail = runner.stdout.decode(errors="replace")[-3000:]
+            tail = "\n".join(lines)[-3000:]
             raise FederationError(f"the stock Flower run wrote no result (see {out_dir / 'stock.log'}):\n{tail}")
     finally:
         if superlink is not None:

@@ -36,40 +36,28 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedqf.config import FederationConfig, dump_config, load_config  # noqa: E402
-from fedqf.errors import FederationError  # noqa: E402
-from fedqf.runtime import CONNECTION, SuperLink, start_superlink  # noqa: E402
+from typing import Self
+
+from fedqf.config import FederationConfig, dump_config, load_config
+from fedqf.errors import FederationError
+from fedqf.runtime import SuperLink, app_manifest, start_superlink, submit_run
+from fedqf.simulation import federation_options
 
 DEFAULT_CONFIG = REPO / "sandboxes" / "large_model" / "federation.toml"
 FEDQF = str(Path(sys.executable).parent / "fedqf")
 COORDINATOR_PATTERNS = ("flwr-serverapp", "flwr-simulation")
 
-_SECAGG_MANIFEST = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "secaggplus-bench"
-version = "0.1.0"
-description = "Flower SecAgg+ baseline for fedqf's secure aggregation benchmark"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedqf"
-
-[tool.flwr.app.components]
-serverapp = "secaggplus_app:server"
-clientapp = "secaggplus_app:client"
-
-[tool.flwr.app.config]
-bench-config = ""
-bench-out = ""
-bench-wire = ""
-bench-num-shares = 3
-bench-threshold = 2
-"""
+_SECAGG_MANIFEST = app_manifest(
+    name="secaggplus-bench",
+    description="Flower SecAgg+ baseline for fedqf's secure aggregation benchmark",
+    serverapp="secaggplus_app:server",
+    clientapp="secaggplus_app:client",
+    config={"bench-config": "", "bench-out": "", "bench-wire": "", "bench-num-shares": 3, "bench-threshold": 2},
+)
+# The apps import from benchmarks/ itself: opacus installs a top-level `benchmarks` package that would shadow this
+# repo's `benchmarks.` namespace. The ServerApp and simulation workers inherit the SuperLink's environment.
+APP_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "benchmarks"), str(REPO),
+                                                      os.environ.get("PYTHONPATH", "")) if p)}
 
 
 # --- coordinator memory ---------------------------------------------------------------------------------------
@@ -87,7 +75,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -180,10 +168,6 @@ def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path
                            "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_shares: int,
                    threshold: int) -> FederationCost:
     """benchmarks/secaggplus_app.py behind a private simulation SuperLink (fedqf.runtime.start_superlink)."""
@@ -196,44 +180,22 @@ def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_
     result_path = out_dir / "secaggplus.json"
     work = Path(tempfile.mkdtemp(prefix="fedqf-secagg-bench-"))
     superlink: SuperLink | None = None
-    saved_pythonpath = os.environ.get("PYTHONPATH")
     started = time.perf_counter()
     try:
         config_path = work / "federation.toml"
         config_path.write_text(dump_config(config))
-        app_dir = work / "app"
-        app_dir.mkdir()
-        (app_dir / "pyproject.toml").write_text(_SECAGG_MANIFEST)
-        # benchmarks/ goes on PYTHONPATH itself: opacus installs a top-level `benchmarks` package (see round_time.py).
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO / "benchmarks"), str(REPO), saved_pythonpath or "") if p
-        )
-        try:
-            superlink = start_superlink(work, simulation=True)
-        finally:
-            if saved_pythonpath is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved_pythonpath
-        superlink.env["PYTHONWARNINGS"] = "ignore"  # the legacy API's deprecation warnings, in this benchmark only
-        run_config = " ".join(f"{k}={_quote(v)}" for k, v in
-                              {"bench-config": str(config_path), "bench-out": str(result_path),
-                               "bench-wire": str(wire_dir)}.items())
-        run_config += f" bench-num-shares={num_shares} bench-threshold={threshold}"
-        federation = (
-            f"num-supernodes={config.federation.institutions} "
-            f"client-resources-num-cpus={config.simulation.cpus_per_institution} "
-            f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
-        )
+        # The legacy API's deprecation warnings are silenced in this benchmark only.
+        superlink = start_superlink(work, simulation=True, env={**APP_PATH, "PYTHONWARNINGS": "ignore"})
+        run_config: dict[str, str | int] = {
+            "bench-config": str(config_path), "bench-out": str(result_path), "bench-wire": str(wire_dir),
+            "bench-num-shares": num_shares, "bench-threshold": threshold,
+        }
         with MemorySampler(COORDINATOR_PATTERNS) as sampler:
-            runner = subprocess.run(
-                ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config,
-                 "--federation-config", federation],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env, cwd=work, check=False,
-            )  # fmt: skip
-        (out_dir / "secaggplus.log").write_bytes(runner.stdout)
+            lines = submit_run(superlink, work / "app", manifest=_SECAGG_MANIFEST, run_config=run_config,
+                               federation_config=federation_options(config))
+        (out_dir / "secaggplus.log").write_text("\n".join(lines) + "\n")
         if not result_path.exists():
-            tail = runner.stdout.decode(errors="replace")[-3000:]
+            tail = "\n".join(lines)[-3000:]
             raise FederationError(f"the SecAgg+ run wrote no result (see {out_dir / 'secaggplus.log'}):\n{tail}")
     finally:
         if superlink is not None:
@@ -272,8 +234,15 @@ def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str,
     """
     import numpy as np
 
-    from fedqf.crypto import EncryptedSum, decrypt, encrypt, generate_context, key_fingerprint, load_public_context
-    from fedqf.crypto import serialize_public_context
+    from fedqf.crypto import (
+        EncryptedSum,
+        decrypt,
+        encrypt,
+        generate_context,
+        key_fingerprint,
+        load_public_context,
+        serialize_public_context,
+    )
     from fedqf.packing import ckks_parameters_of, scheme_for
 
     scheme = scheme_for(config)

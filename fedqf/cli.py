@@ -150,7 +150,7 @@ def _print_table(out_dir: Path) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedqf.config import load_config
-    from fedqf.simulation import run_simulation, sandbox_default_path
+    from fedqf.simulation import sandbox_default_path, simulate_federation
 
     path: Path = args.federation or sandbox_default_path()
     config = load_config(path, args.overrides)
@@ -177,7 +177,7 @@ def _simulate(args: argparse.Namespace) -> int:
             print(text, flush=True)
         last[0] = text
 
-    run_simulation(config, out_dir=out_dir, base_dir=base_dir, on_line=relay, verbose=args.verbose)
+    simulate_federation(config, out_dir=out_dir, base_dir=base_dir, on_line=relay, verbose=args.verbose)
     _print_table(out_dir)
     summary = json.loads((out_dir / "summary.json").read_text())
     # A run that ended early wrote a complete run directory, but scripts must be able to tell: exit 3.

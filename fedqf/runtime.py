@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,34 +18,50 @@ from pathlib import Path
 
 from fedqf.errors import FederationError
 
-APP_MANIFEST = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
 
-[project]
-name = "fedqf-app"
-version = "0.1.0"
-description = "fedqf federation"
-license = "Apache-2.0"
-dependencies = []
+def app_manifest(
+    *, name: str, description: str, serverapp: str, clientapp: str, config: Mapping[str, str | int]
+) -> str:
+    """The pyproject.toml of a Flower app: its components and the run-config keys it accepts (with defaults)."""
+    lines = [
+        "[build-system]",
+        'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        f'name = "{name}"',
+        'version = "0.1.0"',
+        f'description = "{description}"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedqf"',
+        "",
+        "[tool.flwr.app.components]",
+        f'serverapp = "{serverapp}"',
+        f'clientapp = "{clientapp}"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {quote(value) if isinstance(value, str) else value}" for key, value in config.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
-[tool.flwr.app]
-publisher = "fedqf"
 
-[tool.flwr.app.components]
-serverapp = "fedqf.server_app:app"
-clientapp = "fedqf.client_app:app"
+def quote(value: str) -> str:
+    """A string as a TOML / Flower run-config literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
-[tool.flwr.app.config]
-fedqf-config = ""
-fedqf-out = ""
-fedqf-public-context = ""
-fedqf-secret-context = ""
-fedqf-base-dir = ""
-fedqf-mode = "simulation"
-fedqf-resume = ""
-"""
+
+APP_MANIFEST = app_manifest(
+    name="fedqf-app",
+    description="fedqf federation",
+    serverapp="fedqf.server_app:app",
+    clientapp="fedqf.client_app:app",
+    config={key: "" for key in ("fedqf-config", "fedqf-out", "fedqf-public-context", "fedqf-secret-context",
+                                "fedqf-base-dir", "fedqf-resume")} | {"fedqf-mode": "simulation"},
+)
 
 CONNECTION = "fedqf"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -184,10 +201,12 @@ def start_superlink(
     node_auth: bool = False,
     health_address: str | None = None,
     timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> SuperLink:
     """Start a SuperLink (telemetry and runtime dependency installation off) and wait until it answers.
 
     Without `tls` it is only ever bound to loopback: fedqf never serves plaintext on a network interface.
+    `env` adds to the environment of the SuperLink and of everything it starts (ServerApp, simulation workers).
     """
     if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
         raise FederationError(f"refusing to serve the SuperLink without TLS on {host}; give it certificates")
@@ -198,7 +217,7 @@ def start_superlink(
     lines = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]", f'address = "{connect_host}:{port}"']
     lines.append(f'root-certificates = "{tls.ca_cert.resolve()}"' if tls else "insecure = true")
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
-    env = flower_environment({"FLWR_HOME": str(flwr_home)})
+    process_env = flower_environment({**(env or {}), "FLWR_HOME": str(flwr_home)})
     command = [
         "flower-superlink",
         "--isolation", "subprocess",
@@ -220,9 +239,9 @@ def start_superlink(
         command += ["--health-server-address", health_address]
     log_path = work / "superlink.log"
     with log_path.open("wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=work,
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=process_env, cwd=work,
                                    start_new_session=True)
-    superlink = SuperLink(process, f"{connect_host}:{port}", flwr_home, log_path, env)
+    superlink = SuperLink(process, f"{connect_host}:{port}", flwr_home, log_path, process_env)
     try:
         _wait_ready(superlink, scheme="https" if tls else "http", ca_cert=tls.ca_cert if tls else None, timeout=timeout)
     except BaseException:
@@ -243,29 +262,32 @@ def register_node(superlink: SuperLink, public_key: Path, *, name: str) -> None:
                               f"{detail[-1] if detail else 'no output'}")
 
 
-def _quote(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
 def submit_run(
     superlink: SuperLink,
     app_dir: Path,
     *,
-    run_config: Mapping[str, str],
+    run_config: Mapping[str, str | int],
     federation_config: str | None = None,
     on_line: Callable[[str], None] | None = None,
+    manifest: str = APP_MANIFEST,
+    timeout: float | None = None,
 ) -> list[str]:
-    """`flwr run APP --stream` against the SuperLink; returns the streamed log lines once the run ends."""
+    """`flwr run APP --stream` against the SuperLink; returns the streamed log lines once the run ends.
+
+    `manifest` is the app's pyproject.toml (fedqf's own by default); after `timeout` seconds the run is stopped.
+    """
     app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(APP_MANIFEST)
-    command: list[str] = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
-                          "--run-config", " ".join(f"{k}={_quote(v)}" for k, v in run_config.items())]
+    (app_dir / "pyproject.toml").write_text(manifest)
+    overrides = " ".join(f"{k}={quote(v) if isinstance(v, str) else v}" for k, v in run_config.items())
+    command: list[str] = ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", overrides]
     if federation_config:
         command += ["--federation-config", federation_config]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=superlink.env,
                               cwd=app_dir.parent, start_new_session=True)
     assert runner.stdout is not None
+    watchdog = threading.Timer(timeout, stop_process_group, args=(runner,)) if timeout else None
+    if watchdog is not None:
+        watchdog.start()
     lines: list[str] = []
     try:
         for raw in runner.stdout:
@@ -275,6 +297,8 @@ def submit_run(
                 on_line(line)
         runner.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         stop_process_group(runner)
     return lines
 

@@ -1,7 +1,7 @@
 """`fedqf simulate`: a federation run by Flower's simulation runtime (Ray backend) behind a private SuperLink.
 
 Flower's supported way to simulate is `flwr run` against a SuperLink started with `--simulation`; the
-deprecated `run_simulation` is not used. fedqf starts that SuperLink on a free loopback port, in a private
+deprecated `flwr.simulation.run_simulation` is not used. fedqf starts that SuperLink on a free loopback port, in a private
 temporary directory (its FLWR_HOME, the CKKS secret context, the app manifest), submits the run, relays its
 progress, and stops the SuperLink and everything it started when the run ends.
 """
@@ -33,7 +33,14 @@ class SimulationResult:
     log_tail: str
 
 
-def run_simulation(
+def federation_options(config: FederationConfig) -> str:
+    """`flwr run --federation-config`: one virtual SuperNode per institution, Ray's CPUs as the federation asks."""
+    cpus = config.simulation.cpus_per_institution
+    return (f"num-supernodes={config.federation.institutions} client-resources-num-cpus={cpus} "
+            f"init-args-num-cpus={max(os.cpu_count() or 1, cpus)}")
+
+
+def simulate_federation(
     config: FederationConfig,
     *,
     out_dir: Path,
@@ -67,17 +74,12 @@ def run_simulation(
             run_config["fedqf-secret-context"] = str(work / "institutions.ckks")
             run_config["fedqf-public-context"] = str(work / "coordinator.ckks")
         superlink = start_superlink(work, simulation=True)
-        federation = (
-            f"num-supernodes={config.federation.institutions} "
-            f"client-resources-num-cpus={config.simulation.cpus_per_institution} "
-            f"init-args-num-cpus={max(os.cpu_count() or 1, config.simulation.cpus_per_institution)}"
-        )
-
         def relay(line: str) -> None:
             if on_line is not None and (verbose or PROGRESS.search(line)):
                 on_line(line)
 
-        lines = submit_run(superlink, work / "app", run_config=run_config, federation_config=federation, on_line=relay)
+        lines = submit_run(superlink, work / "app", run_config=run_config,
+                           federation_config=federation_options(config), on_line=relay)
         if not (out_dir / "summary.json").exists():
             raise FederationError(f"the simulation ended without a summary: {last_error(lines)}")
         return SimulationResult(out_dir, "\n".join(lines[-50:]))
