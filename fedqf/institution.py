@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, config_from_dict
-from fedqf.crypto import decrypt, encrypt, key_fingerprint
+from fedqf.crypto import decrypt, encrypt
 from fedqf.data import InstitutionData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError
 from fedqf.model import ParameterLayout, build_model, set_arrays
@@ -62,6 +62,11 @@ class Institution:
         ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
         if ckks and (self.secret_context is None or not self.secret_context.is_private()):
             raise FedqfError("a CKKS federation needs the institutions' context with its secret key")
+
+    @functools.cached_property
+    def layout(self) -> ParameterLayout:
+        """Names and shapes of the model's parameters (built once, not for every instruction)."""
+        return ParameterLayout.of(self.model())
 
     def model(self) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(self.config.federation.seed)
@@ -176,7 +181,7 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     A plaintext record is w_t itself. An encrypted record is the round-t sum S with sum_k a_k; it applies to
     w_{t-1}: w_t = w_{t-1} + Dec(S) / sum_k a_k. A sum already applied is not applied twice.
     """
-    layout = ParameterLayout.of(inst.model())
+    layout = inst.layout
     if not is_encrypted(record):
         missing = [name for name in layout.names if name not in record]
         if missing:
@@ -400,7 +405,7 @@ def release_round(inst: Institution, state: InstitutionState, content: RecordDic
     state.model_round, state.global_arrays = resolve_global_model(inst, _arrays(content), state)
     if persist is not None:
         persist(state)
-    layout = ParameterLayout.of(inst.model())
+    layout = inst.layout
     log(WARNING, "%s releases the global model of round %d to the coordinator", inst.name, state.model_round)
     return RecordDict(
         {
@@ -429,8 +434,6 @@ def federation_text(content: RecordDict) -> str:
     return str(record[FEDERATION_TOML])
 
 
-def fingerprint_of(context: ts.Context) -> str:
-    return key_fingerprint(context)
 
 
 # --- simulation: an institution is a partition of the data source, its state lives in Flower's Context --------
