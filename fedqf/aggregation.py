@@ -14,10 +14,10 @@ from typing import Protocol
 
 import numpy as np
 import tenseal as ts
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fedqf.config import SecureAggregationMode
+from fedqf.config import FederationConfig, SecureAggregationMode
 from fedqf.crypto import EncryptedSum
 from fedqf.errors import FederationError, FedqfError, UpdateRejectedError
 from fedqf.model import ParameterLayout
@@ -26,6 +26,7 @@ from fedqf.protocol import (
     ARRAYS,
     METRICS,
     NUM_EXAMPLES,
+    REPORT,
     WEIGHT_SUM,
     InstitutionReport,
     ReplyStatus,
@@ -61,6 +62,7 @@ class AggregationSetup:
     encrypted_length: int = 0  # values per encrypted update: the model size, or its packed slot count
     round_offset: int = 0  # rounds completed before this coordinator (re)started: Flower counts from 1 again
     max_update_norm: float = 0.0  # plaintext: reject updates farther than this from the round's global model
+    max_update_bytes: int = 0  # reject a reply whose arrays and config values exceed this many bytes; 0: no limit
 
     @property
     def expected_length(self) -> int:
@@ -96,6 +98,52 @@ def _weighted_train_metrics(reports: Sequence[InstitutionReport]) -> MetricRecor
             "max-epsilon": max(eps) if eps else 0.0,
         }
     )
+
+
+SIZE_MARGIN = 64 * 1024  # bytes of headroom over the derived limit: metric names, record keys, serialization
+
+
+def update_size_limit(config: FederationConfig, layout: ParameterLayout, encrypted_length: int = 0) -> int:
+    """The largest update the coordinator accepts: `federation.max_update_bytes`, or, when that is 0,
+    2 * B + 64 KiB where B bounds a well-formed update of this model.
+
+    Plaintext: B = 4 * P bytes (P float32 parameters). CKKS: B = C * 2 * N * L * 8, with C = ceil(S / (N/2))
+    ciphertexts for S slot values (the model size, or its packed slot count `encrypted_length`), each of two
+    polynomials of N coefficients over L <= len(coeff_mod_bit_sizes) primes of 8 bytes: the uncompressed size.
+    """
+    if config.federation.max_update_bytes:
+        return config.federation.max_update_bytes
+    sa = config.secure_aggregation
+    if sa.mode is SecureAggregationMode.CKKS:
+        slots = sa.poly_modulus_degree // 2
+        chunks = -(-(encrypted_length or layout.size) // slots)
+        expected = chunks * 2 * sa.poly_modulus_degree * len(sa.coeff_mod_bit_sizes) * 8
+    else:
+        expected = 4 * layout.size
+    return 2 * expected + SIZE_MARGIN
+
+
+def update_bytes(message: Message) -> int:
+    """Bytes a reply carries in its arrays (every ArrayRecord) and in the string and bytes values of its
+    ConfigRecords: what a hostile institution could inflate. Reads sizes only; decodes nothing."""
+    total = 0
+    for record in message.content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        elif isinstance(record, ConfigRecord):
+            for value in record.values():
+                items = value if isinstance(value, list) else [value]
+                total += sum(len(v) for v in items if isinstance(v, (str, bytes)))
+    return total
+
+
+def _check_size(message: Message, setup: AggregationSetup) -> None:
+    size = update_bytes(message)
+    if size > setup.max_update_bytes:
+        raise UpdateRejectedError(
+            f"the update is {size} bytes, over the size limit of {setup.max_update_bytes} bytes "
+            "(federation.max_update_bytes)"
+        )
 
 
 def _check_plain_update(message: Message, layout: ParameterLayout) -> None:
@@ -163,6 +211,8 @@ def aggregate_train_replies(
         report = report_from_reply(message)
         if report.status is ReplyStatus.OK:
             try:
+                if setup.max_update_bytes > 0:
+                    _check_size(message, setup)  # first: an oversized update is not decoded at all
                 weight = _check_weight(report)
                 if running is not None:
                     record = message.content.get(ARRAYS)
@@ -286,11 +336,20 @@ def record_evaluation(setup: AggregationSetup, server_round: int, metrics: Metri
     return metrics
 
 
+def _institution_name(message: Message) -> str:
+    report = message.content.get(REPORT)
+    return str(report.get("institution", "")) if isinstance(report, ConfigRecord) else ""
+
+
 def weighted_mean_arrays(messages: Sequence[Message], layout: ParameterLayout) -> ArrayRecord:
-    """Plaintext FedAvg of full weight vectors, weighted by each reply's num-examples."""
+    """Plaintext FedAvg of full weight vectors, weighted by each reply's num-examples.
+
+    Summed in the order of the institutions' names, not of arrival: floating-point addition is not associative,
+    and the same updates must give the same bits however the replies raced (a resumed or retried round).
+    """
     total = 0.0
     acc = [np.zeros(s, dtype=np.float64) for s in layout.shapes]
-    for message in messages:
+    for message in sorted(messages, key=lambda m: (_institution_name(m), int(m.metadata.src_node_id))):
         weight = float(message.content[METRICS][NUM_EXAMPLES])  # type: ignore[arg-type]
         record = message.content[ARRAYS]
         for i, name in enumerate(layout.names):

@@ -26,6 +26,25 @@ class ModelName(str, Enum):
 
     MLP = "mlp"
     LOGISTIC = "logistic"
+    RESNET18 = "resnet18"  # ResNet-18 with GroupNorm for 3x32x32 images (features are the flattened pixels)
+
+
+class Device(str, Enum):
+    """Where an institution's workers train: one GPU per worker (NCCL), CPU (gloo), or GPUs when present."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class GradSampleMode(str, Enum):
+    """How Opacus computes per-record gradient norms under DP-SGD; GHOST is ghost clipping (no per-record
+    gradients stored: their norms come from activations and output gradients, for the layers Opacus supports)."""
+
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+    EW = "ew"
+    GHOST = "ghost"
 
 
 class SecureAggregationMode(str, Enum):
@@ -51,6 +70,12 @@ class FederationSection:
     min_institutions: int = 0  # 0 means "all institutions"
     round_timeout: float = 600.0
     join_timeout: float = 120.0  # how long round 1 waits for every institution before starting with the minimum
+    # Times a round is extended by round_timeout, asking the institutions that have not answered again, when fewer
+    # than min_institutions answered by its deadline; then the run ends, saying why.
+    round_retries: int = 1
+    # Largest update (bytes of arrays and config values) the coordinator accepts; larger ones are rejected unread.
+    # 0: derived from the model (twice a well-formed update of this model and CKKS parameter set, plus 64 KiB).
+    max_update_bytes: int = 0
 
     @property
     def required_institutions(self) -> int:
@@ -84,9 +109,14 @@ class ModelSection:
 @dataclass(frozen=True)
 class TrainingSection:
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 32  # the institution's (expected) batch per step, whatever the number of workers
     learning_rate: float = 0.1
     momentum: float = 0.0
+    # Local training runs as a torch.distributed group of this many processes per node (one per GPU with NCCL,
+    # gloo on CPU); `fedqf institution --workers N` overrides it. A local matter: not part of the agreement.
+    workers: int = 1
+    device: Device = Device.AUTO
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
 
 
 @dataclass(frozen=True)
@@ -192,6 +222,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "federation.min_institutions": (0, 10_000, True, True),
     "federation.round_timeout": (0, None, False, True),
     "federation.join_timeout": (0, None, True, True),
+    "federation.round_retries": (0, 1000, True, True),
+    "federation.max_update_bytes": (0, None, True, True),
     "data.alpha": (0, None, False, True),
     "data.test_fraction": (0, 1, True, False),
     "data.validation_fraction": (0, 1, True, False),
@@ -204,6 +236,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "training.batch_size": (1, None, True, True),
     "training.learning_rate": (0, None, False, True),
     "training.momentum": (0, 1, True, False),
+    "training.workers": (1, 1024, True, True),
     "strategy.proximal_mu": (0, None, True, True),
     "strategy.trim_fraction": (0, 0.5, True, False),
     "strategy.krum_byzantine": (0, None, True, True),

@@ -9,7 +9,7 @@ import pytest
 from conftest import reply_from
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedqf.aggregation import AggregationSetup
+from fedqf.aggregation import AggregationSetup, update_bytes, weighted_mean_arrays
 from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
     CkksParameters,
@@ -214,3 +214,70 @@ def test_plaintext_update_far_beyond_the_bound_is_rejected() -> None:
     reasons = {r.node_id: (r.status.value, r.reason) for r in observer.reports[1]}
     assert reasons[0][0] == "ok"
     assert reasons[1][0] == "rejected" and "beyond strategy.max_update_norm = 1" in reasons[1][1]
+
+
+def test_update_over_the_size_limit_is_rejected_unread_and_the_round_goes_on(secret) -> None:  # type: ignore[no-untyped-def]
+    public = load_public_context(serialize_public_context(secret))
+    good = _encrypted_reply(0, secret, np.full(LAYOUT.size, 0.25), 100)
+    # A well-formed ciphertext padded with a large extra array: structurally it would pass, its size does not.
+    padded_record = encrypted_to_record(record_to_encrypted(good.content[ARRAYS]))  # type: ignore[arg-type]
+    padded_record["padding"] = Array(np.zeros(200_000, dtype=np.uint8))
+    padded = reply_from(1, RecordDict({ARRAYS: padded_record, METRICS: _metrics(100, 1.0), REPORT: _report("h1")}))
+    good_size = update_bytes(good)
+    assert good_size < update_bytes(padded)
+    observer = Observer()
+    setup = AggregationSetup(mode=SecureAggregationMode.CKKS, layout=LAYOUT, public_context=public,
+                             fingerprint=key_fingerprint(public), observer=observer, max_update_bytes=good_size + 1000)
+    encrypted, _ = FedAvg(setup=setup, min_institutions=1).aggregate_train(3, [good, padded])
+    assert encrypted is not None
+    reports = {r.name: r for r in observer.reports[3]}
+    assert reports["h0"].status.value == "ok"
+    assert reports["h1"].status.value == "rejected"
+    assert f"over the size limit of {good_size + 1000} bytes" in reports["h1"].reason
+    _, weight_sum = aggregate_meta(encrypted)
+    assert weight_sum == pytest.approx(1.0)  # only h0's weight: the oversized update never reached the sum
+    assert np.abs(decrypt(secret, record_to_encrypted(encrypted)) - 0.25).max() <= aggregation_tolerance(
+        PARAMS, num_terms=1, max_abs=0.25
+    )
+
+
+def test_plaintext_update_over_the_size_limit_is_rejected() -> None:
+    observer = Observer()
+    weights = [np.ones((4, 3)), np.ones(3)]
+    limit = update_bytes(_plain_reply(0, weights, 10))
+    setup = AggregationSetup(mode=SecureAggregationMode.NONE, layout=LAYOUT, observer=observer, max_update_bytes=limit)
+    inflated = _plain_reply(1, [np.full((4, 3), 3.0), np.ones(3)], 10)
+    inflated.content[REPORT]["institution"] = "h1" + "x" * 500  # long config strings count too
+    arrays, _ = FedAvg(setup=setup, min_institutions=1).aggregate_train(1, [_plain_reply(0, weights, 10), inflated])
+    assert arrays is not None
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.ones((4, 3), dtype=np.float32))
+    statuses = {r.node_id: (r.status.value, r.reason) for r in observer.reports[1]}
+    assert statuses[0][0] == "ok"
+    assert statuses[1][0] == "rejected" and "over the size limit" in statuses[1][1]
+
+
+def test_derived_size_limit_admits_a_real_update_and_a_configured_one_wins(secret) -> None:  # type: ignore[no-untyped-def]
+    from fedqf.aggregation import SIZE_MARGIN, update_size_limit
+    from fedqf.config import config_from_dict
+
+    plain = config_from_dict({"secure_aggregation": {"mode": "none"}, "privacy": {"mode": "none"}})
+    assert update_size_limit(plain, LAYOUT) == 2 * 4 * LAYOUT.size + SIZE_MARGIN
+    ckks = config_from_dict({"secure_aggregation": {"poly_modulus_degree": PARAMS.poly_modulus_degree,
+                                                    "coeff_mod_bit_sizes": list(PARAMS.coeff_mod_bit_sizes),
+                                                    "scale_bits": PARAMS.global_scale_bits}})
+    big = ParameterLayout(names=("w",), shapes=((PARAMS.poly_modulus_degree,),))  # two ciphertexts of N/2 slots
+    limit = update_size_limit(ckks, big)
+    two_chunks = encrypt(secret, np.full(big.size, 0.5), bound=0.5)
+    assert len(two_chunks.chunks) == 2
+    assert two_chunks.nbytes < limit < 4 * two_chunks.nbytes + SIZE_MARGIN  # admits it, yet is no blank cheque
+    configured = config_from_dict({"federation": {"max_update_bytes": 12345}})
+    assert update_size_limit(configured, big) == 12345
+
+
+def test_plaintext_mean_does_not_depend_on_the_order_replies_arrive() -> None:
+    rng = np.random.default_rng(5)
+    replies = [_plain_reply(k, [rng.normal(size=(4, 3)) * 10 ** k, rng.normal(size=3)], 7 + 13 * k) for k in range(6)]
+    forward = weighted_mean_arrays(replies, LAYOUT)
+    backward = weighted_mean_arrays(list(reversed(replies)), LAYOUT)
+    for name in LAYOUT.names:
+        assert forward[name].numpy().tobytes() == backward[name].numpy().tobytes()
