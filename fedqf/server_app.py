@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedqf.aggregation import AggregationSetup
+from fedqf.aggregation import AggregationSetup, update_size_limit
 from fedqf.checkpoint import Checkpoint, config_digest
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
@@ -25,7 +25,7 @@ from fedqf.packing import ckks_parameters_of, scheme_for
 from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
-from fedqf.stream import StreamingGrid
+from fedqf.stream import RoundPolicy, StreamingGrid
 from fedqf.trainer import evaluate
 
 
@@ -227,6 +227,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         recorder.restore(checkpoint)
         pending_rows.extend(checkpoint.rows)
         log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
+    encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
     setup = AggregationSetup(
         mode=secure,
         layout=layout,
@@ -234,9 +235,10 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         public_context=inputs.public_context,
         fingerprint=fingerprint,
         observer=recorder,
-        encrypted_length=scheme.slots_needed(layout.size) if scheme is not None else 0,
+        encrypted_length=encrypted_length,
         round_offset=offset,
         max_update_norm=config.strategy.max_update_norm,
+        max_update_bytes=update_size_limit(config, layout, encrypted_length),
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",
@@ -244,6 +246,9 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         secure.value, config.privacy.mode.value)
     if inputs.public_context is not None:
         log(INFO, "fedqf: CKKS public key fingerprint %s", fingerprint)
+    log(INFO, "fedqf: a round waits %.0f s for at least %d institutions, retried up to %d times; updates over %d "
+        "bytes are rejected", config.federation.round_timeout, config.federation.required_institutions,
+        config.federation.round_retries, setup.max_update_bytes)
 
     _wait_for_institutions(grid, config)
     round_started = [time.perf_counter()]
@@ -361,7 +366,10 @@ app = ServerApp()
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
     try:
-        run_federation(StreamingGrid(grid), _inputs_from(context))
+        inputs = _inputs_from(context)
+        federation = inputs.config.federation
+        policy = RoundPolicy(min_replies=federation.required_institutions, retries=federation.round_retries)
+        run_federation(StreamingGrid(grid, policy=policy), inputs)
     except FedqfError as exc:
         log(WARNING, "fedqf: federation failed: %s", exc)
         raise

@@ -1,27 +1,64 @@
-"""A Grid that hands replies to the strategy as they arrive, so the coordinator holds one update at a time.
+"""A Grid that hands replies to the strategy as they arrive, and keeps a round going until enough have answered.
 
 Flower's `send_and_receive` collects every reply into a list (and polls every 3 s); with N institutions the
 coordinator would hold N encrypted updates at once. `StreamingGrid.send_and_receive` returns a generator instead:
 fedqf's aggregation adds each ciphertext into its running sum and drops it before the next one is pulled.
+
+The generator also carries the round's fault handling (`RoundPolicy`): an institution whose reply is an error (its
+node died) is sent the instruction again once it is back online, while the deadline lasts; when fewer than the
+minimum answered by the deadline, the deadline is extended and the institutions that have not answered are asked
+again, up to `retries` times. An institution asked twice for a round it trained answers with the same update
+(`fedqf.institution` keeps it), and only the first answer of each institution is passed on: nothing is counted
+twice. Those that never answered are passed on as error replies naming the institution and why.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Error, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp import Grid
+
+from fedqf.errors import FedqfError
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How a training round waits: the replies it needs by its deadline and how often it asks again.
+
+    Raises FedqfError on construction when a value is out of range.
+    """
+
+    min_replies: int = 1  # answers (not error replies) a training round needs by its deadline
+    retries: int = 0  # times a short round's deadline is extended, asking those that have not answered again
+    resend_interval: float = 5.0  # seconds between two instructions to an institution whose reply was an error
+
+    def __post_init__(self) -> None:
+        if self.min_replies < 0 or self.retries < 0 or not self.resend_interval > 0:
+            raise FedqfError(f"invalid round policy {self}: expected min_replies >= 0, retries >= 0, "
+                             "resend_interval > 0")
 
 
 class StreamingGrid(Grid):
     """Wraps a Grid; everything but `send_and_receive` is delegated unchanged."""
 
-    def __init__(self, inner: Grid, *, poll_interval: float = 0.1) -> None:
+    def __init__(self, inner: Grid, *, policy: RoundPolicy | None = None, poll_interval: float = 0.1,
+                 node_check_interval: float = 1.0) -> None:
         self._inner = inner
+        self._policy = policy if policy is not None else RoundPolicy()
         self._poll_interval = poll_interval
+        self._node_check_interval = node_check_interval
+
+    @property
+    def policy(self) -> RoundPolicy:
+        return self._policy
 
     def set_run(self, run: Any) -> None:
         self._inner.set_run(run)
@@ -48,29 +85,152 @@ class StreamingGrid(Grid):
         return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        outgoing = list(messages)
-        ids = list(self._inner.push_messages(outgoing))
-        destinations = {mid: m.metadata.dst_node_id for mid, m in zip(ids, outgoing)}
-        return self._replies(set(ids), timeout, destinations)
+        outgoing = {m.metadata.dst_node_id: m for m in messages}
+        exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
+                             node_check_interval=self._node_check_interval)
+        exchange.send(list(outgoing))
+        return exchange.replies()
 
-    def _replies(self, pending: set[str], timeout: float | None, destinations: dict[str, int]) -> Iterator[Message]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending and (deadline is None or time.monotonic() < deadline):
-            arrived = list(self._inner.pull_messages(list(pending)))
+
+class _Exchange:
+    """One instruction per institution and the replies to it; at most one reply per institution is passed on."""
+
+    def __init__(self, inner: Grid, outgoing: dict[int, Message], policy: RoundPolicy, *, timeout: float | None,
+                 poll_interval: float, node_check_interval: float) -> None:
+        self.inner = inner
+        self.outgoing = outgoing
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.node_check_interval = node_check_interval
+        self.policy = policy
+        training = bool(outgoing) and all(m.metadata.message_type == MessageType.TRAIN for m in outgoing.values())
+        self.training = training
+        self.retries_left = policy.retries if training else 0
+        self.needed = min(policy.min_replies, len(outgoing)) if training else len(outgoing)
+        self.destination: dict[str, int] = {}  # message id -> institution node
+        self.pending: set[str] = set()
+        self.sent_at: dict[int, float] = {}
+        self.sends: dict[int, int] = {}
+        self.answered: set[int] = set()
+        self.failed: dict[int, Message] = {}  # node -> its latest error reply, until it answers
+
+    def send(self, nodes: list[int]) -> None:
+        if not nodes:
+            return
+        messages = []
+        for node in nodes:
+            first = self.outgoing[node]
+            if self.sends.get(node, 0) == 0:
+                messages.append(first)
+            else:  # a fresh message (Flower ids a message by its content and metadata, creation time included)
+                m = first.metadata
+                messages.append(Message(first.content, dst_node_id=node, message_type=m.message_type,
+                                        group_id=m.group_id))
+        ids = list(self.inner.push_messages(messages))
+        now = time.monotonic()
+        for node, message_id in zip(nodes, ids):
+            self.sent_at[node] = now
+            self.sends[node] = self.sends.get(node, 0) + 1
+            if message_id:
+                self.destination[message_id] = node
+                self.pending.add(message_id)
+
+    def _in_flight(self, node: int) -> bool:
+        return any(self.destination[mid] == node for mid in self.pending)
+
+    def _resend_to_returned(self) -> None:
+        """Ask again, once they are back online, the institutions whose last instruction ended in an error."""
+        now = time.monotonic()
+        waiting = [n for n in self.failed if n not in self.answered and not self._in_flight(n)
+                   and now - self.sent_at.get(n, 0.0) >= self.policy.resend_interval]
+        if not waiting:
+            return
+        online = set(self.inner.get_node_ids())
+        back = [n for n in waiting if n in online]
+        if back:
+            log(INFO, "fedqf: sending the instruction again to %d institution(s) back online after an error reply",
+                len(back))
+            self.send(back)
+
+    def _extend(self) -> bool:
+        """At the deadline: True if the round goes on waiting (a retry), False if it ends with what it has."""
+        short = len(self.answered) < self.needed
+        if not short or self.retries_left == 0:
+            if short:
+                log(WARNING, "fedqf: %d of %d institutions answered by the deadline, %d required, and no retry is "
+                    "left", len(self.answered), len(self.outgoing), self.needed)
+            return False
+        self.retries_left -= 1
+        silent = [n for n in self.outgoing if n not in self.answered]
+        log(WARNING, "fedqf: %d of %d institutions answered by the deadline, %d required; asking the %d others "
+            "again and waiting another %.0f s (%d retries left)", len(self.answered), len(self.outgoing),
+            self.needed, len(silent), self.timeout or 0.0, self.retries_left)
+        online = set(self.inner.get_node_ids())
+        self.send([n for n in silent if n in online])  # those offline are asked once they are back
+        for node in silent:
+            if node not in online and node not in self.failed:
+                self.failed[node] = _error_reply(self.outgoing[node], node, "no reply; the node is offline")
+        return True
+
+    def _settled(self) -> bool:
+        """Everyone answered; or nothing is in flight and the minimum answered, so an institution whose reply was
+        an error is not waited for (with min_institutions below the total, it is left out of this round)."""
+        return len(self.answered) == len(self.outgoing) or (not self.pending and len(self.answered) >= self.needed)
+
+    def replies(self) -> Iterator[Message]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        next_node_check = 0.0
+        while not self._settled():
+            if deadline is not None and time.monotonic() >= deadline:
+                if not self._extend():
+                    break
+                assert self.timeout is not None
+                deadline = time.monotonic() + self.timeout
+            arrived = list(self.inner.pull_messages(list(self.pending))) if self.pending else []
             for message in arrived:
-                pending.discard(message.metadata.reply_to_message_id)
-            while arrived:
-                # the strategy consumes each reply before the next is kept
-                yield _attributed(arrived.pop(0), destinations)
-            if pending:
-                time.sleep(self._poll_interval)
+                message_id = message.metadata.reply_to_message_id
+                self.pending.discard(message_id)
+                node = self.destination.get(message_id)
+                if node is None or node in self.answered:
+                    continue  # a second answer to an instruction sent twice: the first one counted
+                if message.has_error() and not self.training:
+                    self.answered.add(node)  # evaluation and release: an error reply is final
+                    yield _attributed(message, node)
+                    continue
+                if message.has_error():
+                    self.failed[node] = _attributed(message, node)
+                    continue
+                self.answered.add(node)
+                self.failed.pop(node, None)
+                yield message  # the strategy consumes each reply before the next is kept
+            if self.failed and time.monotonic() >= next_node_check:
+                self._resend_to_returned()
+                next_node_check = time.monotonic() + self.node_check_interval
+            if not self._settled():
+                time.sleep(self.poll_interval)
+        limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
+        for node, message in self.outgoing.items():
+            if node not in self.answered:
+                yield self.failed.get(node) or _error_reply(message, node, f"no reply{limit}, the round's deadline")
 
 
-def _attributed(message: Message, destinations: dict[str, int]) -> Message:
+def _metadata_from(node: int, m: Metadata, *, message_id: str, reply_to: str) -> Metadata:
+    return Metadata(run_id=m.run_id, message_id=message_id, src_node_id=node, dst_node_id=0,
+                    reply_to_message_id=reply_to, group_id=m.group_id, created_at=time.time(), ttl=m.ttl,
+                    message_type=m.message_type)
+
+
+def _error_reply(instruction: Message, node: int, reason: str) -> Message:
+    """An error reply, from `node`, for an instruction it never answered."""
+    m = instruction.metadata
+    error = Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=reason)
+    return make_message(_metadata_from(node, m, message_id="", reply_to=m.message_id), None, error)
+
+
+def _attributed(message: Message, node: int) -> Message:
     """An error reply that the SuperLink wrote for an unreachable node names the SuperLink as its sender; name the
     institution it was meant for instead, so the failure is recorded against it."""
-    node = destinations.get(message.metadata.reply_to_message_id)
-    if not message.has_error() or node is None or message.metadata.src_node_id == node:
+    if message.metadata.src_node_id == node:
         return message
     m = message.metadata
     metadata = Metadata(run_id=m.run_id, message_id=m.message_id, src_node_id=node, dst_node_id=m.dst_node_id,

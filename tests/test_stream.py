@@ -1,0 +1,169 @@
+"""The coordinator's round exchange: re-sending to institutions back after a crash, retries, one answer each."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from flwr.common.constant import ErrorCode
+
+from fedqf.errors import FedqfError
+from fedqf.stream import RoundPolicy, StreamingGrid
+
+
+@pytest.fixture(autouse=True)
+def _server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction messages take their run and sender from the process's task identity, as in a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@dataclass
+class Node:
+    """A scripted institution: what happens to each instruction it is sent, in order."""
+
+    # per instruction: "answer"; "crash" (error reply, then offline for `offline_pulls` calls); "lose" (never
+    # answered); "hold" (answered only when the next instruction arrives, together with that one's answer)
+    script: list[str]
+    offline_pulls: int = 3
+    online: bool = True
+    received: int = 0
+    held: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class FakeGrid:
+    """The parts of Flower's Grid the exchange uses; replies appear on the pull after the push."""
+
+    nodes: dict[int, Node]
+    queued: list[tuple[int, Message]] = field(default_factory=list)  # (pull number it appears at, reply)
+    pulls: int = 0
+    pushed: Counter[int] = field(default_factory=Counter)
+    back_at: dict[int, int] = field(default_factory=dict)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._tick()
+        return [n for n, node in self.nodes.items() if node.online]
+
+    def _tick(self) -> None:
+        """Time passes with every call: a crashed node is back after `offline_pulls` of them."""
+        self.pulls += 1
+        for node_id, at in list(self.back_at.items()):
+            if self.pulls >= at:
+                self.nodes[node_id].online = True
+                del self.back_at[node_id]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            mid = f"m{sum(self.pushed.values())}"
+            message.metadata.__dict__["_message_id"] = mid
+            self.pushed[node_id] += 1
+            ids.append(mid)
+            node = self.nodes[node_id]
+            action = node.script[node.received] if node.received < len(node.script) else "answer"
+            node.received += 1
+            self.queued.extend((self.pulls + 1, held) for held in node.held)
+            node.held.clear()
+            if action == "answer":
+                self.queued.append((self.pulls + 1, self._reply(message, node_id, node.received)))
+            elif action == "hold":
+                node.held.append(self._reply(message, node_id, node.received))
+            elif action == "crash":
+                node.online = False
+                self.back_at[node_id] = self.pulls + node.offline_pulls
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable")
+                self.queued.append((self.pulls + 1, self._reply(message, 0, node.received, error=error)))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._tick()
+        wanted = set(message_ids)
+        ready = [m for at, m in self.queued if at <= self.pulls and m.metadata.reply_to_message_id in wanted]
+        self.queued = [(at, m) for at, m in self.queued if m not in ready]
+        return ready
+
+    @staticmethod
+    def _reply(message: Message, src: int, nth: int, *, error: Error | None = None) -> Message:
+        metadata = Metadata(run_id=1, message_id=f"reply-{message.metadata.message_id}", src_node_id=src,
+                            dst_node_id=0, reply_to_message_id=message.metadata.message_id, group_id="1",
+                            created_at=time.time(), ttl=3600.0, message_type=message.metadata.message_type)
+        if error is not None:
+            return make_message(metadata, None, error)
+        return make_message(metadata, RecordDict({"config": ConfigRecord({"nth-instruction": nth})}))
+
+
+def _instructions(nodes: Iterable[int], message_type: str = MessageType.TRAIN) -> list[Message]:
+    return [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
+                    message_type=message_type, group_id="1") for n in nodes]
+
+
+def _exchange(fake: FakeGrid, policy: RoundPolicy, *, timeout: float = 30.0,
+              message_type: str = MessageType.TRAIN) -> list[Message]:
+    grid = StreamingGrid(fake, policy=policy, poll_interval=0.001, node_check_interval=0.0)  # type: ignore[arg-type]
+    return list(grid.send_and_receive(_instructions(sorted(fake.nodes), message_type), timeout=timeout))
+
+
+def test_a_crashed_institution_is_asked_again_once_back_and_counts_once() -> None:
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["crash", "answer"]), 3: Node(["answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=3, retries=0, resend_interval=0.001))
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    assert not any(r.has_error() for r in replies)
+    assert fake.pushed == Counter({1: 1, 2: 2, 3: 1})
+    second = next(r for r in replies if r.metadata.src_node_id == 2)
+    assert second.content["config"]["nth-instruction"] == 2  # the answer to the instruction sent again
+
+
+def test_with_the_minimum_met_a_crashed_institution_is_left_out_not_waited_for() -> None:
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["crash", "answer"], offline_pulls=1), 3: Node(["answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=2, retries=1, resend_interval=0.001))
+    assert fake.pushed[2] == 1
+    failed = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in failed] == [2]  # recorded against the institution, not the SuperLink
+    assert "Node Unavailable" in failed[0].error.reason
+    assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == [1, 3]
+
+
+def test_a_short_round_is_retried_and_the_silent_institution_asked_again() -> None:
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["lose", "answer"]), 3: Node(["answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=3, retries=1), timeout=0.05)
+    assert fake.pushed == Counter({1: 1, 2: 2, 3: 1})
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3] and not any(r.has_error() for r in replies)
+
+
+def test_without_retries_a_silent_institution_is_reported_and_the_round_ends() -> None:
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["lose", "answer"]), 3: Node(["answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=3, retries=0), timeout=0.05)
+    assert fake.pushed == Counter({1: 1, 2: 1, 3: 1})
+    failed = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in failed] == [2] and "no reply within" in failed[0].error.reason
+
+
+def test_an_institution_that_answers_both_instructions_is_passed_on_once() -> None:
+    # A straggler: its first answer arrives only after the retry sent it a second instruction; both answers arrive.
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["hold", "answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=2, retries=1), timeout=0.05)
+    assert fake.pushed == Counter({1: 1, 2: 2})
+    assert Counter(r.metadata.src_node_id for r in replies) == Counter({1: 1, 2: 1})
+    assert not any(r.has_error() for r in replies)
+
+
+def test_an_evaluation_error_is_final() -> None:
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["crash", "answer"], offline_pulls=1)})
+    replies = _exchange(fake, RoundPolicy(min_replies=2, retries=3, resend_interval=0.001),
+                        message_type=MessageType.EVALUATE)
+    assert fake.pushed == Counter({1: 1, 2: 1})
+    assert [r.metadata.src_node_id for r in replies if r.has_error()] == [2]
+
+
+def test_a_round_policy_out_of_range_is_refused() -> None:
+    with pytest.raises(FedqfError, match="invalid round policy"):
+        RoundPolicy(min_replies=1, retries=-1)
