@@ -292,8 +292,21 @@ def test_aggregation_tolerance_refuses_sum_out_of_range() -> None:
 
 
 def test_fresh_noise_bound_known_answer() -> None:
-    # sqrt(4/3)*8*sqrt(2)*3.2*8192 + 6*3.2*sqrt(8192) + 16*3.2*8192 + 8192/2
-    assert fresh_noise_bound(PARAMS) == pytest.approx(342_463.49 + 1_737.79 + 419_430.4 + 4_096.0, rel=1e-6)
+    # (sqrt(4/3)*8*sqrt(2)*3.2*8192 + 6*3.2*sqrt(8192) + 16*3.2*8192) / 2^59 + sqrt(8192/3)*(3 + 8*sqrt(8192)) + 8192/2
+    clean = (342_463.49 + 1_737.79 + 419_430.4) / 2.0**59
+    assert fresh_noise_bound(PARAMS) == pytest.approx(clean + 37_993.9946 + 4_096.0, rel=1e-6)
+
+
+def test_fresh_noise_has_the_variance_of_seals_modulus_switched_encryption(fed: Federation) -> None:
+    # SEAL encrypts one level up and divides by the special prime (see fresh_noise_bound), so a slot's error is
+    # Re(tau_0 + tau_1*s)(zeta) / Delta: variance N/24 * (1 + h) / Delta^2 with h ~ 2N/3 for a uniform ternary
+    # secret, averaged over the slots. Without that division it would be about 15x larger (Lemma 1's u*e term).
+    n = PARAMS.poly_modulus_degree
+    values = np.zeros(4 * PARAMS.slots)
+    error = decrypt(fed.private, encrypt(fed.private, values, bound=1.0)) * PARAMS.scale
+    expected = math.sqrt(n / 24.0 * (1.0 + 2.0 * n / 3.0))
+    assert 0.85 < float(np.std(error)) / expected < 1.15
+    assert float(np.abs(error).max()) < fresh_noise_bound(PARAMS)
 
 
 def test_result_before_any_update_fails(fed: Federation) -> None:

@@ -118,3 +118,91 @@ def test_overflowing_slot_is_detected_on_unpack() -> None:
     scheme = PackingScheme(6, 3, 0.5, 4)
     with pytest.raises(CryptoError, match="outside the packing range"):
         scheme.unpack(np.array([scheme.slot_bound + 5.0]), 4)
+
+
+def _largest_contributors(params: CkksParameters, bits: int) -> int:
+    """The most institutions PackingScheme.design accepts for `bits` at `params` (it refuses one more)."""
+    low, high = 1, 2
+    while _fits(params, bits, high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _fits(params, bits, middle) else (low, middle)
+    return low
+
+
+def _fits(params: CkksParameters, bits: int, contributors: int) -> bool:
+    try:
+        PackingScheme.design(params, bits=bits, max_contributors=contributors, value_bound=0.5)
+    except CryptoError:
+        return False
+    return True
+
+
+def _encrypted_field_sums(context, scheme: PackingScheme, quantized: list[np.ndarray]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    public = load_public_context(serialize_public_context(context))
+    length = len(quantized[0])
+    running = EncryptedSum(public, length=scheme.slots_needed(length), fingerprint=key_fingerprint(public))
+    for q in quantized:
+        running.add(encrypt(context, scheme.pack(q), bound=scheme.slot_bound))
+    return scheme.unpack(decrypt(context, running.result()), length)
+
+
+@pytest.mark.parametrize(("bits", "contributors", "values_per_slot"), [(6, 10, 3), (4, 10, 4), (6, 100, 2)])
+def test_ten_and_a_hundred_institutions_at_the_top_of_the_range(  # type: ignore[no-untyped-def]
+    context, bits: int, contributors: int, values_per_slot: int
+) -> None:
+    # 4 bits for 10 institutions is the packing of 8 bytes per parameter (4 values per slot).
+    scheme = PackingScheme.design(PARAMS, bits=bits, max_contributors=contributors, value_bound=0.5)
+    assert scheme.values_per_slot == values_per_slot
+    assert scheme.bytes_per_parameter(PARAMS) == 32.0 / values_per_slot
+    top = np.full(3 * PARAMS.slots * values_per_slot // 2, 2**bits - 1, dtype=np.int64)
+    field_sums = _encrypted_field_sums(context, scheme, [top] * contributors)
+    np.testing.assert_array_equal(field_sums, contributors * top)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_the_most_institutions_the_packing_allows_decrypt_exactly(context, bits: int) -> None:  # type: ignore[no-untyped-def]
+    most = _largest_contributors(PARAMS, bits)
+    assert most >= 100
+    with pytest.raises(CryptoError, match="do not fit one CKKS slot"):
+        PackingScheme.design(PARAMS, bits=bits, max_contributors=most + 1, value_bound=0.5)
+    scheme = PackingScheme.design(PARAMS, bits=bits, max_contributors=most, value_bound=0.5)
+    rng = np.random.default_rng(bits)
+    quantized = [np.full(PARAMS.slots * scheme.values_per_slot, 2**bits - 1, dtype=np.int64) for _ in range(most)]
+    quantized[-1] = rng.integers(0, 2**bits, len(quantized[-1]))
+    np.testing.assert_array_equal(_encrypted_field_sums(context, scheme, quantized), np.sum(quantized, axis=0))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    contributors=st.integers(1, 40),
+    scale_bits=st.integers(20, 30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_designed_packing_decrypts_like_the_slow_reference(  # type: ignore[no-untyped-def]
+    bits: int, contributors: int, scale_bits: int, seed: int
+) -> None:
+    params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=scale_bits)
+    if not _fits(params, bits, contributors):
+        return
+    scheme = PackingScheme.design(params, bits=bits, max_contributors=contributors, value_bound=0.5)
+    rng = np.random.default_rng(seed)
+    length = params.slots * scheme.values_per_slot
+    # Most values at the top of their range, the worst case for carries between fields.
+    quantized = [np.where(rng.random(length) < 0.8, 2**bits - 1, rng.integers(0, 2**bits, length))
+                 for _ in range(contributors)]
+    field_sums = _encrypted_field_sums(_small_context(scale_bits), scheme, quantized)
+    reference = [sum(int(q[i]) for q in quantized) for i in range(length)]
+    assert [int(v) for v in field_sums] == reference
+
+
+_SMALL_CONTEXTS: dict[int, object] = {}
+
+
+def _small_context(scale_bits: int):  # type: ignore[no-untyped-def]
+    if scale_bits not in _SMALL_CONTEXTS:
+        _SMALL_CONTEXTS[scale_bits] = generate_context(
+            CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=scale_bits))
+    return _SMALL_CONTEXTS[scale_bits]
