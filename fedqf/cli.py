@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedqf.errors import FedqfError
+from fedqf.errors import ConfigError, FedqfError
 
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
@@ -92,16 +92,28 @@ def _build_parser() -> argparse.ArgumentParser:
         "a Flower SuperNode that connects to the coordinator over TLS with node authentication.")
     inst.add_argument("federation", type=Path, help="the federation file this institution signed up for")
     inst.add_argument("--name", required=True, help="this institution's name, as reported to the coordinator")
-    inst.add_argument("--data", type=Path, required=True, help="CSV or Parquet table (target column per the file)")
+    inst.add_argument("--data", type=Path, help="CSV or Parquet table (target column per the file)")
     inst.add_argument("--context", type=Path, default=None, help="institution.ckks from `fedqf keys new` (secret)")
-    inst.add_argument("--node-key", type=Path, required=True, help="node.key from `fedqf keys node`")
-    inst.add_argument("--ca", type=Path, required=True, help="the coordinator's ca.crt")
-    inst.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    inst.add_argument("--node-key", type=Path, help="node.key from `fedqf keys node`")
+    inst.add_argument("--ca", type=Path, help="the coordinator's ca.crt")
+    inst.add_argument("--superlink", help="the coordinator's HOST:PORT")
     inst.add_argument("--state", type=Path, required=True,
                       help="state directory (privacy ledger and global model survive restarts here)")
     inst.add_argument("--health", default=None, help="HOST:PORT for an extra TCP gRPC health endpoint")
     inst.add_argument("--retry-seconds", type=float, default=300.0,
                       help="how long to retry a coordinator that is not up yet (default 300)")
+    group = inst.add_argument_group(
+        "training group", "Local training as a torch.distributed group, started by torch's elastic launcher (as "
+        "torchrun): one worker per GPU (NCCL), or CPU workers (gloo). Node 0 holds the data, keys and SuperNode; "
+        "further nodes only lend their workers (--node-rank 1.., no --data, --node-key, --ca or --superlink).")
+    group.add_argument("--workers", type=int, default=None,
+                       help="workers on this node (default: training.workers of the federation)")
+    group.add_argument("--nnodes", type=int, default=1, help="nodes this institution trains on (default 1)")
+    group.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1 (default 0)")
+    group.add_argument("--rdzv-endpoint", default=None,
+                       help="HOST:PORT of node 0's rendezvous store (needed with --nnodes > 1)")
+    group.add_argument("--max-restarts", type=int, default=100,
+                       help="times the group is restarted after a worker failure (default 100)")
     inst.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
 
@@ -252,12 +264,21 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _institution(args: argparse.Namespace) -> int:
     from fedqf.config import load_config
     from fedqf.deployment import InstitutionSettings, run_institution
+    from fedqf.workers import LaunchSpec
 
     config = load_config(args.federation, args.overrides)
+    launch = LaunchSpec(workers=args.workers or config.training.workers, nnodes=args.nnodes, node_rank=args.node_rank,
+                        rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+    if launch.node_rank == 0:
+        missing = [flag for flag, value in (("--data", args.data), ("--node-key", args.node_key), ("--ca", args.ca),
+                                            ("--superlink", args.superlink)) if value is None]
+        if missing:
+            raise ConfigError(f"fedqf institution needs {', '.join(missing)} (only a node with --node-rank > 0 of a "
+                              "multi-node institution runs without them)")
     settings = InstitutionSettings(
-        config=config, name=args.name, data_file=args.data, context=args.context, node_key=args.node_key,
-        ca_cert=args.ca, superlink=args.superlink, state_dir=args.state, health_address=args.health,
-        retry_seconds=args.retry_seconds,
+        config=config, name=args.name, data_file=args.data or Path(), context=args.context,
+        node_key=args.node_key or Path(), ca_cert=args.ca or Path(), superlink=args.superlink or "",
+        state_dir=args.state, health_address=args.health, retry_seconds=args.retry_seconds, launch=launch,
     )
     return run_institution(settings, printer=lambda line: print(line, flush=True))
 

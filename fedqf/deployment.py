@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +48,11 @@ from fedqf.runtime import (
     submit_run,
 )
 from fedqf.simulation import PROGRESS
+
+if TYPE_CHECKING:
+    from fedqf.institution import Institution
+    from fedqf.workers import LaunchSpec, WorkerGroup
+
 
 Printer = Callable[[str], None]
 
@@ -156,6 +162,8 @@ class InstitutionSettings:
     state_dir: Path
     health_address: str | None = None
     retry_seconds: float = 300.0
+    # Several workers, or several nodes: local training runs as a torch.distributed group (fedqf.workers).
+    launch: LaunchSpec | None = None
 
 
 def load_institution_data(config: FederationConfig, data_file: Path) -> InstitutionData:
@@ -201,6 +209,80 @@ def wait_for_coordinator(address: str, *, printer: Printer, max_seconds: float) 
             delay = min(delay * 2, 30.0)
 
 
+def build_institution(config: FederationConfig, *, name: str, data_file: Path, context: Path | None,
+                      workers: WorkerGroup | None = None) -> Institution:
+    """The institution as its daemon (or its training group's rank 0) holds it: checked data, secret context."""
+    from fedqf.institution import Institution
+
+    data = load_institution_data(config, data_file)
+    secret = None
+    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+        if context is None:
+            raise KeyMaterialError("a CKKS federation needs --context institution.ckks (from `fedqf keys new`)")
+        secret = load_private_context(read_file(context, what="CKKS institution context"))
+    return Institution(config, data, name, 0, secret, workers)
+
+
+def _start_group(settings: InstitutionSettings, launch: LaunchSpec, address: str, *,
+                 printer: Printer) -> tuple[subprocess.Popen[bytes], Path]:
+    """Launch this node's workers (rank 0 among them serves the institution) and wait until it serves."""
+    from fedqf.workers import group_settings, launch_group, wait_for_service
+
+    log_path = settings.state_dir / "workers.log"
+    spec = group_settings(settings.config, name=settings.name, data_file=settings.data_file, context=settings.context,
+                          state_dir=settings.state_dir, service_address=address,
+                          health_address=settings.health_address)
+    process = launch_group(launch, spec, log_path=log_path)
+    nodes = f" on {launch.nnodes} nodes" if launch.nnodes > 1 else ""
+    printer(f"fedqf: {settings.name}: training group of {launch.workers} workers per node{nodes} starting "
+            f"(torch elastic launcher; log {log_path})")
+    try:
+        wait_for_service(process, address, log_path=log_path, timeout=max(settings.retry_seconds, 120.0))
+    except BaseException:
+        stop_process_group(process)
+        raise
+    printer(f"fedqf: {settings.name}: training group ready; rank 0 serves the institution")
+    return process, log_path
+
+
+def _group_log_tail(path: Path) -> str:
+    from fedqf.workers import log_tail
+
+    return log_tail(path)
+
+
+def _run_follower_node(settings: InstitutionSettings, launch: LaunchSpec, *, printer: Printer,
+                       stop: Callable[[], bool] | None) -> int:
+    """A further node of a multi-node institution: its workers join node 0's group; no data, keys or SuperNode."""
+    from fedqf.workers import group_settings, launch_group
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o700)
+    log_path = settings.state_dir / "workers.log"
+    spec = group_settings(settings.config, name=settings.name, data_file=settings.data_file, context=None,
+                          state_dir=settings.state_dir, service_address="", health_address=None)
+    process = launch_group(launch, spec, log_path=log_path)
+    printer(f"fedqf: {settings.name}: node {launch.node_rank} of {launch.nnodes} joins the training group at "
+            f"{launch.rdzv_endpoint} with {launch.workers} workers (log {log_path})")
+    stopping = [False]
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping[0] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while process.poll() is None and not stopping[0] and not (stop is not None and stop()):
+            time.sleep(0.5)
+        if process.poll() not in (None, 0):
+            raise FederationError(f"this node's training workers stopped (exit code {process.returncode}): "
+                                  f"{_group_log_tail(log_path)}")
+        return 0
+    finally:
+        stop_process_group(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
                     stop: Callable[[], bool] | None = None) -> int:
     """Start the institution service and its SuperNode, and supervise both until the SuperNode ends or a signal.
@@ -210,31 +292,34 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
     """
     from flwr.common.logger import log
 
-    from fedqf.institution import Institution
     from fedqf.service import InstitutionService, serve
 
     config = settings.config
-    data = load_institution_data(config, settings.data_file)
-    secret = None
-    if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
-        if settings.context is None:
-            raise KeyMaterialError("a CKKS federation needs --context institution.ckks (from `fedqf keys new`)")
-        secret = load_private_context(read_file(settings.context, what="CKKS institution context"))
-        printer(f"fedqf: CKKS public key fingerprint {key_fingerprint(secret)}")
+    launch = settings.launch
+    if launch is not None and launch.node_rank > 0:
+        return _run_follower_node(settings, launch, printer=printer, stop=stop)
+    institution = build_institution(config, name=settings.name, data_file=settings.data_file,
+                                    context=settings.context)
+    data = institution.data
+    if institution.secret_context is not None:
+        printer(f"fedqf: CKKS public key fingerprint {key_fingerprint(institution.secret_context)}")
     check_node_private_key(settings.node_key)
     check_certificate(settings.ca_cert)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
-    institution = Institution(config, data, settings.name, 0, secret)
-    service = InstitutionService(institution, settings.state_dir)
-    eps = service.state.ledger.epsilon(delta=config.privacy.delta) if service.state.ledger.total_steps else 0.0
-    printer(f"fedqf: {settings.name}: {len(data.train)} training and {len(data.validation)} validation records; "
-            f"epsilon spent so far {eps:.4f} of {config.privacy.target_epsilon}")
     socket_path = settings.state_dir / "service.sock"
     socket_path.unlink(missing_ok=True)
     address = f"unix://{socket_path.resolve()}"
-    running = serve(service, address)
-    extra = serve(service, settings.health_address) if settings.health_address else None
+    running = extra = group = None
+    if launch is not None and launch.grouped:
+        group, group_log = _start_group(settings, launch, address, printer=printer)
+    else:
+        service = InstitutionService(institution, settings.state_dir)
+        eps = service.state.ledger.epsilon(delta=config.privacy.delta) if service.state.ledger.total_steps else 0.0
+        printer(f"fedqf: {settings.name}: {len(data.train)} training and {len(data.validation)} validation "
+                f"records; epsilon spent so far {eps:.4f} of {config.privacy.target_epsilon}")
+        running = serve(service, address)
+        extra = serve(service, settings.health_address) if settings.health_address else None
     supernode: subprocess.Popen[bytes] | None = None
     stopping = [False]
 
@@ -264,6 +349,9 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             log(INFO, "institution service at %s", address)
             started = time.monotonic()
             while supernode.poll() is None and not stopping[0] and not (stop is not None and stop()):
+                if group is not None and group.poll() is not None:
+                    raise FederationError(f"the training group stopped (exit code {group.returncode}): "
+                                          f"{_group_log_tail(group_log)}")
                 time.sleep(0.5)
             if supernode.poll() is None or stopping[0]:
                 break
@@ -285,7 +373,10 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
     finally:
         if supernode is not None:
             stop_process_group(supernode)
-        running.stop()
+        if group is not None:
+            stop_process_group(group)
+        if running is not None:
+            running.stop()
         if extra is not None:
             extra.stop()
         for sig, handler in previous.items():

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,9 @@ from fedqf.protocol import (
 from fedqf.rundir import atomic_write_bytes
 from fedqf.trainer import DpSgdSettings, evaluate, train_local
 
+if TYPE_CHECKING:
+    from fedqf.workers import WorkerGroup
+
 Arrays = list[npt.NDArray[np.float32]]
 
 
@@ -57,6 +60,8 @@ class Institution:
     name: str
     index: int
     secret_context: ts.Context | None
+    # The institution's training group when it trains on several workers (rank 0's handle); None trains alone.
+    workers: WorkerGroup | None = None
 
     def __post_init__(self) -> None:
         ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
@@ -162,11 +167,11 @@ def _calibrated_noise(plan: PrivacyPlan) -> float:
     return plan.calibrate()
 
 
-def _training_generator(config: FederationConfig, index: int, server_round: int) -> torch.Generator:
-    """Randomness for sampling and DP noise: OS entropy unless the federation asks for reproducible noise."""
+def _training_seed(config: FederationConfig, index: int, server_round: int) -> int:
+    """Seed of the round's sampling and DP noise: OS entropy unless the federation asks for reproducible noise."""
     if config.privacy.mode is PrivacyMode.DP_SGD and not config.privacy.reproducible_noise:
-        return torch.Generator().manual_seed(secrets.randbits(63))
-    return torch.Generator().manual_seed(config.federation.seed * 1_000_003 + index * 1009 + server_round)
+        return secrets.randbits(63)
+    return config.federation.seed * 1_000_003 + index * 1009 + server_round
 
 
 def _quantization_rng(config: FederationConfig, index: int, server_round: int) -> np.random.Generator:
@@ -322,9 +327,10 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     model = inst.model()
     set_arrays(model, global_arrays)
     scratch = PrivacyLedger()
-    result = train_local(model, train_data, training=config.training, dp=dp,
-                         generator=_training_generator(config, inst.index, server_round),
-                         ledger=scratch if dp is not None else None, proximal_mu=proximal_mu)
+    trainer = inst.workers.train if inst.workers is not None else train_local
+    result = trainer(model, train_data, training=config.training, dp=dp,
+                     seed=_training_seed(config, inst.index, server_round),
+                     ledger=scratch if dp is not None else None, proximal_mu=proximal_mu)
     if dp is not None:
         if result.steps > planned_steps:  # never under-count: record what went beyond the plan
             state.ledger.record(noise_multiplier=dp.noise_multiplier, sample_rate=result.sample_rate,

@@ -43,6 +43,60 @@ class Logistic(nn.Module):
         return out
 
 
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm (Opacus cannot clip per record through BatchNorm) and no in-place ops."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _group_norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
+        self.norm2 = _group_norm(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), _group_norm(channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 3x32x32 images (CIFAR layout: 3x3 stem, no max-pool), about 11.2M parameters.
+
+    Takes flattened pixels (N, 3072), the way institutions' tables hold them, and reshapes them.
+    """
+
+    IMAGE_SHAPE = (3, 32, 32)
+
+    def __init__(self, *, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.stem_norm = _group_norm(64)
+        blocks: list[nn.Module] = []
+        in_channels = 64
+        for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
+            in_channels = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.IMAGE_SHAPE)
+        x = torch.relu(self.stem_norm(self.stem(x)))
+        x = self.blocks(x)
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        out: torch.Tensor = self.out(x)
+        return out
+
+
 def build_model(
     section: ModelSection, *, num_features: int, num_classes: int, generator: torch.Generator
 ) -> nn.Module:
@@ -52,6 +106,17 @@ def build_model(
         model = MLP(num_features=num_features, hidden=section.hidden, num_classes=num_classes)
     elif section.name is ModelName.LOGISTIC:
         model = Logistic(num_features=num_features, num_classes=num_classes)
+    elif section.name is ModelName.RESNET18:
+        pixels = int(np.prod(ResNet18.IMAGE_SHAPE))
+        if num_features != pixels:
+            raise ConfigError(
+                f"model.name 'resnet18' takes 3x32x32 images ({pixels} features per record), got {num_features}"
+            )
+        # Torch's default (Kaiming) initialisation, drawn from a seed taken from `generator`.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ResNet18(num_classes=num_classes)
     else:  # pragma: no cover - the enum is exhaustive
         raise ConfigError(f"model.name {section.name!r} is unknown")
     with torch.no_grad():

@@ -6,7 +6,6 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, cast
 
 import torch
@@ -18,7 +17,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedqf.config import PrivacyMode
+from fedqf.config import GradSampleMode, PrivacyMode
 from fedqf.errors import ConfigError, FedqfError, PrivacyBudgetExceededError
 
 __all__ = [
@@ -38,15 +37,6 @@ CALIBRATION_TOLERANCE = 0.01
 
 _STATE_KEYS = ("noise_multiplier", "sample_rate", "steps")
 
-
-
-class GradSampleMode(str, Enum):
-    """How Opacus computes per-sample gradient norms; GHOST is ghost clipping (no per-sample gradients stored)."""
-
-    HOOKS = "hooks"
-    FUNCTORCH = "functorch"
-    EW = "ew"
-    GHOST = "ghost"
 
 
 def _check_real(name: str, value: object) -> float:

@@ -8,7 +8,6 @@ same gRPC server serves the standard health-checking service (grpc.health.v1).
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -23,10 +22,12 @@ from fedqf.config import FederationConfig
 from fedqf.errors import FedqfError
 from fedqf.institution import Institution, InstitutionState, federation_text, handle, parse_federation
 from fedqf.protocol import REPORT, ReplyStatus
-from fedqf.service_client import HANDLE, SERVICE, channel_options, decode, encode
+from fedqf.service_client import HANDLE, SERVICE, channel_options, decode, encode, wait_serving
 
 # Sections an institution holds the coordinator to: it trains only under the terms it signed up for.
 _AGREED_SECTIONS = ("federation", "model", "training", "strategy", "secure_aggregation", "privacy")
+# How an institution trains on its own hardware is its own affair: the batch, epochs and privacy are agreed.
+_LOCAL_TRAINING_KEYS = ("workers", "device", "grad_sample_mode")
 
 
 def check_agreement(local: FederationConfig, sent: FederationConfig) -> None:
@@ -35,6 +36,8 @@ def check_agreement(local: FederationConfig, sent: FederationConfig) -> None:
     for section in _AGREED_SECTIONS:
         for key, value in mine[section].items():
             if section == "federation" and key in ("round_timeout", "min_institutions"):
+                continue
+            if section == "training" and key in _LOCAL_TRAINING_KEYS:
                 continue
             if theirs[section].get(key) != value:
                 raise FedqfError(
@@ -129,17 +132,7 @@ def check_health(address: str, *, service: str = "", timeout: float = 5.0) -> st
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
-def wait_healthy(address: str, *, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check_health(address, timeout=1.0) == "SERVING":
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise FedqfError(f"the service at {address} did not become healthy within {timeout:.0f} s")
-        time.sleep(0.1)
+wait_healthy = wait_serving  # the relay's wait, for callers that already import the service
 
 
 __all__ = ["HANDLE", "InstitutionService", "RunningService", "check_agreement", "check_health", "encode", "serve"]

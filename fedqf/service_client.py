@@ -46,16 +46,46 @@ def channel_options() -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
-def call_institution_service(address: str, message_type: str, content: RecordDict, *, timeout: float = 3600.0) -> RecordDict:
+def wait_serving(address: str, *, timeout: float) -> None:
+    """Wait until the institution service answers its health check (it may be restarting its training group)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"institution service at {address} is not serving after {timeout:.0f} s (is the institution "
+                    "daemon running? a training group restarting after a worker failure comes back on its own)"
+                )
+            time.sleep(0.2)
+
+
+def call_institution_service(address: str, message_type: str, content: RecordDict, *, timeout: float = 3600.0,
+                             wait: float = 120.0) -> RecordDict:
     """Send an instruction to the institution service at `address` (e.g. unix:///path/service.sock).
 
+    Waits up to `wait` seconds for the service to serve (a training group restarting after a worker failure).
     Raises FederationError with the service's one-line reason when it fails or cannot be reached.
     """
+    wait_serving(address, timeout=wait)
     with grpc.insecure_channel(address, options=channel_options()) as channel:
         call = channel.unary_unary(HANDLE, request_serializer=None, response_deserializer=None)
         try:
             reply = call(encode(message_type, content), timeout=timeout)
         except grpc.RpcError as exc:
             detail = exc.details() if hasattr(exc, "details") else str(exc)
+            if hasattr(exc, "code") and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                detail = (f"the service went away during the instruction ({detail}); its training group "
+                          "restarts after a worker failure, or the daemon was stopped")
             raise FederationError(f"institution service at {address}: {detail}") from exc
     return decode_reply(reply)

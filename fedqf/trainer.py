@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -11,10 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedqf.config import TrainingSection
+from fedqf.config import GradSampleMode, TrainingSection
 from fedqf.data import Dataset
 from fedqf.model import get_arrays
-from fedqf.privacy import PrivacyLedger, PrivateTraining, make_private
+from fedqf.privacy import PrivacyLedger, make_private
 
 
 @dataclass(frozen=True)
@@ -54,84 +55,179 @@ def steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
     return max(1, -(-num_examples // batch_size))
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """This process's place in the institution's training group (rank 0 of 1 when training alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _sampling_seed(seed: int, rank: int) -> int:
+    # Every worker Poisson-samples its own shard with its own stream; rank 0 alone draws the DP noise.
+    return (seed * 1_000_003 + 7919 * rank) % (2**63 - 1)
+
+
 def train_local(
     model: nn.Module,
     data: Dataset,
     *,
     training: TrainingSection,
     dp: DpSgdSettings | None,
-    generator: torch.Generator,
+    seed: int,
     ledger: PrivacyLedger | None = None,
     proximal_mu: float = 0.0,
+    workers: WorkerContext | None = None,
 ) -> TrainResult:
     """Run `training.local_epochs` epochs of SGD (DP-SGD when `dp` is given) from the model's current weights.
+
+    With several workers every worker of the group calls this with the same arguments and its WorkerContext
+    (torch.distributed initialised). The institution's batch stays `training.batch_size` whatever the number of
+    workers, so one worker and N workers train the same way:
+    - without DP, every step takes the next B records of one permutation drawn from `seed`, and worker r computes
+      the loss of every N-th of them (r, r + N, ...); DDP averages the gradients, scaled so that the result is the
+      mean over the B records, as with one worker;
+    - with DP-SGD, Opacus's distributed mode (DPDDP): each worker Poisson-samples its shard of the records with
+      the same rate q = B / n, so the union is a Poisson sample of rate q of all records; each worker clips its
+      records' gradients, rank 0 alone adds the noise, and the all-reduced sum is divided by the expected batch
+      q * n. Steps per epoch, noise multiplier and sample rate are those of one worker, and so is the epsilon.
 
     FedProx: after every optimizer step the weights move by -lr * mu * (w - w_global), the gradient of
     (mu/2)||w - w_global||^2. That term does not depend on the data, so under DP-SGD it is post-processing
     and costs no privacy; putting it in the loss instead would be dropped by Opacus's per-sample clipping.
 
-    Under DP-SGD the steps taken are committed to `ledger` exactly once, after training.
+    Under DP-SGD the steps taken are committed to `ledger` exactly once, after training (rank 0 passes the ledger;
+    the other workers pass none, their steps are rank 0's steps).
     """
-    if dp is not None and ledger is None:
+    ctx = workers or WorkerContext()
+    if dp is not None and ledger is None and ctx.rank == 0:
         raise ValueError("DP-SGD training needs the institution's PrivacyLedger")
     start = time.perf_counter()
+    model.to(ctx.device)
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(
-        _tensor_dataset(data), batch_size=training.batch_size, shuffle=True, generator=generator
-    )
+    dataset = _tensor_dataset(data)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
         model.parameters(), lr=training.learning_rate, momentum=training.momentum
     )
-    sample_rate = min(1.0, training.batch_size / len(data))
-    train_module: nn.Module = model
-    private: PrivateTraining | None = None
-    if dp is not None:
-        private = make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            generator=None if dp.secure_mode else generator,
-            secure_mode=dp.secure_mode,
-        )
-        train_module, optimizer, loader = private.module, private.optimizer, private.data_loader
-        sample_rate = private.sample_rate
-    criterion = nn.CrossEntropyLoss()
-    steps = 0
-    total_loss = 0.0
-    seen = 0
-    for _ in range(training.local_epochs):
-        for features, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(train_module(features), labels)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if len(labels):
-                total_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            if proximal_mu > 0.0:
-                with torch.no_grad():
-                    for param, anchor in zip(model.parameters(), global_params):
-                        param.sub_(training.learning_rate * proximal_mu * (param - anchor))
-    if private is not None:
-        assert ledger is not None
-        steps = private.commit(ledger=ledger)
-        # Opacus wraps the module; strip its hooks so the plain model can be evaluated and reused.
-        from opacus import GradSampleModule
-
-        if isinstance(train_module, GradSampleModule):
-            train_module.remove_hooks()
+    if dp is None:
+        steps, loss_sum, seen = _train_plain(model, dataset, optimizer, training=training, seed=seed, ctx=ctx,
+                                             global_params=global_params, proximal_mu=proximal_mu)
+        sample_rate = min(1.0, training.batch_size / len(data))
+    else:
+        steps, loss_sum, seen, sample_rate = _train_private(
+            model, dataset, optimizer, training=training, dp=dp, seed=seed, ctx=ctx, ledger=ledger,
+            global_params=global_params, proximal_mu=proximal_mu)
+    if ctx.distributed:
+        totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=ctx.device)
+        torch.distributed.all_reduce(totals)
+        loss_sum, seen = float(totals[0]), int(totals[1])
+    arrays = get_arrays(model)
+    model.to("cpu")
     return TrainResult(
-        arrays=get_arrays(model),
+        arrays=arrays,
         num_examples=len(data),
         steps=steps,
         sample_rate=sample_rate,
-        loss=total_loss / max(seen, 1),
+        loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
     )
+
+
+def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], *, lr: float, mu: float) -> None:
+    if mu > 0.0:
+        with torch.no_grad():
+            for param, anchor in zip(model.parameters(), global_params):
+                param.sub_(lr * mu * (param - anchor))
+
+
+def _train_plain(model: nn.Module, dataset: TensorDataset, optimizer: torch.optim.Optimizer, *,
+                 training: TrainingSection, seed: int, ctx: WorkerContext, global_params: list[torch.Tensor],
+                 proximal_mu: float) -> tuple[int, float, int]:
+    features, labels = dataset.tensors
+    train_module: nn.Module = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_module = DistributedDataParallel(model, device_ids=device_ids)
+    generator = torch.Generator().manual_seed(seed)  # the same permutation on every worker
+    n, batch = len(labels), training.batch_size
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(training.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for first in range(0, n, batch):
+            records = order[first : first + batch]
+            mine = records[ctx.rank :: ctx.world_size]
+            x = features[mine].to(ctx.device, non_blocking=True)
+            y = labels[mine].to(ctx.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            total = nn.functional.cross_entropy(train_module(x), y, reduction="sum")
+            # DDP averages over workers: scaling by N / |batch| makes the result the mean over the whole batch.
+            scaled = total * (ctx.world_size / len(records))
+            scaled.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            _proximal_step(model, global_params, lr=training.learning_rate, mu=proximal_mu)
+            steps += 1
+            loss_sum += float(total.detach())
+            seen += len(mine)
+    return steps, loss_sum, seen
+
+
+def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.optim.Optimizer, *,
+                   training: TrainingSection, dp: DpSgdSettings, seed: int, ctx: WorkerContext,
+                   ledger: PrivacyLedger | None, global_params: list[torch.Tensor],
+                   proximal_mu: float) -> tuple[int, float, int, float]:
+    from opacus import GradSampleModule
+
+    module: nn.Module = model
+    if ctx.distributed:
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+        module = DifferentiallyPrivateDistributedDataParallel(model)
+    sampler = torch.Generator().manual_seed(_sampling_seed(seed, ctx.rank))
+    noise = torch.Generator(device=ctx.device).manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=sampler)
+    ghost = training.grad_sample_mode is GradSampleMode.GHOST
+    private = make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        generator=None if dp.secure_mode else noise,
+        secure_mode=dp.secure_mode,
+        grad_sample_mode=training.grad_sample_mode,
+        criterion=nn.CrossEntropyLoss() if ghost else None,
+    )
+    criterion: Any = private.criterion if private.criterion is not None else nn.CrossEntropyLoss()
+    steps, loss_sum, seen = 0, 0.0, 0
+    try:
+        for _ in range(training.local_epochs):
+            for x, y in private.data_loader:
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                private.optimizer.zero_grad(set_to_none=True)
+                loss = criterion(private.module(x), y)
+                loss.backward()
+                private.optimizer.step()
+                _proximal_step(model, global_params, lr=training.learning_rate, mu=proximal_mu)
+                steps += 1
+                if len(y):
+                    loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+    finally:
+        # Opacus wraps the module; strip its hooks so the plain model can be evaluated and reused.
+        if isinstance(private.module, GradSampleModule):
+            private.module.remove_hooks()
+    if ledger is not None:
+        steps = private.commit(ledger=ledger)
+    return steps, loss_sum, seen, private.sample_rate
 
 
 @torch.no_grad()

@@ -1,0 +1,220 @@
+"""An institution's training group on CPU (gloo), launched by torch's elastic launcher as the daemon launches it.
+
+Real processes: the group serves the institution service on a Unix socket, and the tests send it train
+instructions as the SuperNode's relay does, comparing with the institution training alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
+
+from fedqf.config import FederationConfig, config_from_dict, dump_config
+from fedqf.deployment import build_institution
+from fedqf.institution import InstitutionState, train_round
+from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, METRICS, REPORT
+from fedqf.runtime import stop_process_group
+from fedqf.service_client import call_institution_service
+from fedqf.workers import STATUS_DIR, LaunchSpec, group_settings, launch_group, wait_for_service
+
+
+def _config(**privacy: object) -> FederationConfig:
+    return config_from_dict({
+        "federation": {"institutions": 1, "seed": 5, "rounds": 3},
+        "data": {"target": "target", "validation_fraction": 0.1},
+        "model": {"name": "mlp", "hidden": [16], "num_features": 30, "num_classes": 2},
+        # momentum, an uneven last batch and a batch not divisible by the workers: all must match one worker
+        "training": {"local_epochs": 3, "batch_size": 15, "learning_rate": 0.05, "momentum": 0.5},
+        "secure_aggregation": {"mode": "none"},
+        "privacy": {"mode": "none"} if not privacy else {"mode": "dp-sgd", "reproducible_noise": True, **privacy},
+    })
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
+    path = tmp_path_factory.mktemp("data") / "hospital.csv"
+    frame.iloc[:300].to_csv(path, index=False)
+    return path
+
+
+def _instruction(config: FederationConfig, arrays: ArrayRecord, server_round: int) -> RecordDict:
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({FEDERATION_TOML: dump_config(config),
+                                                             "server-round": server_round})})
+
+
+def _initial(config: FederationConfig, data_file: Path) -> ArrayRecord:
+    inst = build_institution(config, name="alone", data_file=data_file, context=None)
+    return ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in inst.model().state_dict().items()})
+
+
+def _alone(config: FederationConfig, data_file: Path, rounds: int) -> list[RecordDict]:
+    """What the institution replies training alone, in-process, for rounds 1..rounds from w_0."""
+    inst = build_institution(config, name="alone", data_file=data_file, context=None)
+    state = InstitutionState()
+    initial = _initial(config, data_file)
+    return [train_round(inst, state, _instruction(config, initial, r)) for r in range(1, rounds + 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Group:
+    """One node's workers, launched like `fedqf institution --workers N` launches them."""
+
+    def __init__(self, config: FederationConfig, data_file: Path, state_dir: Path, spec: LaunchSpec,
+                 *, serve: bool = True) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        self.address = f"unix://{state_dir / 'service.sock'}" if serve else ""
+        self.log = state_dir / "workers.log"
+        settings = group_settings(config, name="grouped", data_file=data_file, context=None, state_dir=state_dir,
+                                  service_address=self.address, health_address=None)
+        self.process = launch_group(spec, settings, log_path=self.log)
+
+    def wait(self) -> None:
+        wait_for_service(self.process, self.address, log_path=self.log, timeout=180)
+
+    def status(self, rank: int) -> dict[str, object]:
+        path = self.state_dir / STATUS_DIR / f"rank-{rank}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
+def _train(group: Group, config: FederationConfig, initial: ArrayRecord, server_round: int) -> RecordDict:
+    return call_institution_service(group.address, MessageType.TRAIN, _instruction(config, initial, server_round),
+                                    wait=180)
+
+
+def _weights(reply: RecordDict) -> list[np.ndarray]:
+    record = reply[ARRAYS]
+    assert isinstance(record, ArrayRecord)
+    return [record[k].numpy() for k in record]
+
+
+@pytest.fixture(scope="module")
+def plain_group(data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    group = Group(_config(), data_file, tmp_path_factory.mktemp("plain"), LaunchSpec(workers=2, max_restarts=3))
+    try:
+        group.wait()
+        yield group
+    finally:
+        group.stop()
+
+
+def test_two_workers_train_the_same_model_as_one(plain_group: Group, data_file: Path) -> None:
+    config = _config()
+    alone = _alone(config, data_file, rounds=1)[0]
+    grouped = _train(plain_group, config, _initial(config, data_file), 1)
+    assert grouped[REPORT]["status"] == "ok", grouped[REPORT]["reason"]
+    assert plain_group.status(1)["world_size"] == 2
+    for ours, theirs in zip(_weights(grouped), _weights(alone), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    start = [array.numpy() for array in _initial(config, data_file).values()]
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(_weights(grouped), start, strict=True))
+    assert moved > 1e-3  # training happened: the comparison is not between two untouched models
+    assert grouped[METRICS]["steps"] == alone[METRICS]["steps"] == 3 * 18  # ceil(270 / 15) steps per epoch
+    assert grouped[METRICS]["train-loss"] == pytest.approx(alone[METRICS]["train-loss"], rel=1e-5)
+
+
+def test_a_worker_dying_mid_round_fails_the_round_and_the_group_restarts(plain_group: Group, data_file: Path) -> None:
+    config = _config()
+    initial = _initial(config, data_file)
+    victim = plain_group.status(1)
+    assert victim, "rank 1 writes its status file"
+    import threading
+
+    replies: list[RecordDict] = []
+    worker = threading.Thread(target=lambda: replies.append(_train(plain_group, config, initial, 2)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while plain_group.status(1).get("doing") != "training" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(victim["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    worker.join(timeout=120)
+    assert replies, "the round got an answer"
+    report = replies[0][REPORT]
+    assert report["status"] == "failed"
+    assert "training group failed" in str(report["reason"]) and "restarts" in str(report["reason"])
+    # The elastic agent restarts the group; the next round trains again, on two workers, with new processes.
+    after = _train(plain_group, config, initial, 3)
+    assert after[REPORT]["status"] == "ok", after[REPORT]["reason"]
+    assert plain_group.status(1)["pid"] != victim["pid"]
+    assert plain_group.process.poll() is None
+
+
+def test_with_dp_two_workers_spend_the_same_epsilon_as_one(data_file: Path, tmp_path: Path) -> None:
+    config = _config(target_epsilon=2.0, max_grad_norm=1.0)
+    alone = _alone(config, data_file, rounds=2)
+    group = Group(config, data_file, tmp_path / "dp", LaunchSpec(workers=2, max_restarts=0))
+    try:
+        group.wait()
+        initial = _initial(config, data_file)
+        replies = [_train(group, config, initial, r) for r in (1, 2)]
+    finally:
+        group.stop()
+    for grouped, single in zip(replies, alone, strict=True):
+        assert grouped[REPORT]["status"] == "ok", grouped[REPORT]["reason"]
+        for key in ("epsilon", "noise-multiplier", "sample-rate", "steps"):
+            assert grouped[METRICS][key] == pytest.approx(single[METRICS][key], rel=1e-9), key
+    assert 0 < replies[0][METRICS]["epsilon"] < replies[1][METRICS]["epsilon"] <= 2.0
+    saved = json.loads((tmp_path / "dp" / "state.json").read_text())
+    assert sum(saved["ledger"]["steps"]) == replies[1][METRICS]["steps"] * 2  # persisted by rank 0, each step once
+
+
+def test_ghost_clipping_under_two_workers_trains_within_the_same_budget(data_file: Path, tmp_path: Path) -> None:
+    config = config_from_dict({**config_to_raw(_config(target_epsilon=2.0)), "training": {
+        **config_to_raw(_config())["training"], "grad_sample_mode": "ghost"}})
+    group = Group(config, data_file, tmp_path / "ghost", LaunchSpec(workers=2, max_restarts=0))
+    try:
+        group.wait()
+        reply = _train(group, config, _initial(config, data_file), 1)
+    finally:
+        group.stop()
+    alone = _alone(_config(target_epsilon=2.0), data_file, rounds=1)[0]
+    assert reply[REPORT]["status"] == "ok", reply[REPORT]["reason"]
+    assert reply[METRICS]["epsilon"] == pytest.approx(alone[METRICS]["epsilon"], rel=1e-9)
+    assert np.isfinite(reply[METRICS]["train-loss"])
+
+
+def config_to_raw(config: FederationConfig) -> dict[str, dict[str, object]]:
+    import tomllib
+
+    return tomllib.loads(dump_config(config))
+
+
+def test_two_nodes_of_one_worker_rendezvous_and_train_as_one(data_file: Path, tmp_path: Path) -> None:
+    config = _config()
+    endpoint = f"127.0.0.1:{_free_port()}"
+    node0 = Group(config, data_file, tmp_path / "node0",
+                  LaunchSpec(workers=1, nnodes=2, node_rank=0, rdzv_endpoint=endpoint, max_restarts=0))
+    node1 = Group(config, Path("unused.csv"), tmp_path / "node1",
+                  LaunchSpec(workers=1, nnodes=2, node_rank=1, rdzv_endpoint=endpoint, max_restarts=0), serve=False)
+    try:
+        node0.wait()
+        reply = _train(node0, config, _initial(config, data_file), 1)
+        assert node1.status(1)["world_size"] == 2  # node 1's worker is global rank 1
+    finally:
+        node0.stop()
+        node1.stop()
+    alone = _alone(config, data_file, rounds=1)[0]
+    assert reply[REPORT]["status"] == "ok", reply[REPORT]["reason"]
+    for ours, theirs in zip(_weights(reply), _weights(alone), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "node1" / "state.json").exists()  # the ledger and model live with rank 0 only
