@@ -1,0 +1,74 @@
+"""Encrypted vectors in Flower records: several ciphertexts per Array, cut back exactly, hostile layouts refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedqf.crypto import EncryptedVector
+from fedqf.errors import UpdateRejectedError
+from fedqf.protocol import CHUNK_SIZES, CKKS_PREFIX, CKKS_STYPE, GROUP_BYTES, encrypted_to_record, record_to_encrypted
+
+FINGERPRINT = "ab" * 32
+
+
+def _vector(sizes: list[int]) -> EncryptedVector:
+    rng = np.random.default_rng(len(sizes))
+    return EncryptedVector(chunks=tuple(rng.bytes(n) for n in sizes), length=4096 * len(sizes), fingerprint=FINGERPRINT)
+
+
+def _groups(record: ArrayRecord) -> list[str]:
+    return [k for k in record if k.startswith(CKKS_PREFIX)]
+
+
+@pytest.mark.parametrize(("sizes", "group_bytes", "groups"), [
+    ([5, 7, 3], 12, 2),  # 5 + 7 fill the first Array, 3 starts the next
+    ([5, 7, 3], 4, 3),  # each ciphertext larger than the group: one Array each
+    ([5], 1000, 1),
+    ([4] * 10, 8, 5),
+])
+def test_grouped_record_gives_back_the_same_ciphertexts(sizes: list[int], group_bytes: int, groups: int) -> None:
+    vector = _vector(sizes)
+    record = encrypted_to_record(vector, group_bytes=group_bytes)
+    assert len(_groups(record)) == groups
+    assert record_to_encrypted(record) == vector
+
+
+def test_a_large_update_travels_in_few_arrays() -> None:
+    vector = _vector([131_217] * 100)
+    record = encrypted_to_record(vector)
+    assert len(_groups(record)) == -(-100 // (GROUP_BYTES // 131_217))
+    assert all(len(record[k].data) <= GROUP_BYTES for k in _groups(record))
+    assert record_to_encrypted(record).chunks == vector.chunks
+
+
+def test_records_with_one_ciphertext_per_array_still_decode() -> None:
+    vector = _vector([6, 9])
+    record = encrypted_to_record(vector, group_bytes=1)
+    del record[CHUNK_SIZES]
+    assert record_to_encrypted(record) == vector
+
+
+@pytest.mark.parametrize(("sizes", "match"), [
+    ([5, 7, 2], "does not cut"),  # 14 bytes named, 15 held: the last ciphertext runs short of its Array's end
+    ([5, 11], "does not cut"),  # a ciphertext would cross into the next Array
+    ([5, 7, 3, 1], "names 4 ciphertexts"),
+    ([0, 12, 3], "positive size"),
+    ([-5, 17, 3], "positive size"),
+])
+def test_sizes_that_do_not_cut_the_arrays_exactly_are_refused(sizes: list[int], match: str) -> None:
+    record = encrypted_to_record(_vector([5, 7, 3]), group_bytes=12)
+    record[CHUNK_SIZES] = Array(np.array(sizes, dtype=np.int64))
+    with pytest.raises(UpdateRejectedError, match=match):
+        record_to_encrypted(record)
+
+
+def test_sizes_that_are_not_integers_are_refused() -> None:
+    record = encrypted_to_record(_vector([5, 7]), group_bytes=12)
+    record[CHUNK_SIZES] = Array(np.array([5.0, 7.0]))
+    with pytest.raises(UpdateRejectedError, match="1-D integer"):
+        record_to_encrypted(record)
+    record[CHUNK_SIZES] = Array(dtype="bytes", shape=(2,), stype=CKKS_STYPE, data=b"\x05\x07")
+    with pytest.raises(UpdateRejectedError, match="1-D integer"):
+        record_to_encrypted(record)
