@@ -267,7 +267,7 @@ def _institution(args: argparse.Namespace) -> int:
     from fedqf.workers import LaunchSpec
 
     config = load_config(args.federation, args.overrides)
-    launch = LaunchSpec(workers=args.workers or config.training.workers, nnodes=args.nnodes, node_rank=args.node_rank,
+    launch = LaunchSpec(workers=config.training.workers if args.workers is None else args.workers, nnodes=args.nnodes, node_rank=args.node_rank,
                         rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
     if launch.node_rank == 0:
         missing = [flag for flag, value in (("--data", args.data), ("--node-key", args.node_key), ("--ca", args.ca),

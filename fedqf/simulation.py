@@ -51,7 +51,13 @@ def simulate_federation(
     """Run the federation in Flower's simulation runtime and return once the run directory is written.
 
     Raises FederationError when the runtime fails or the run ends without a summary.
+
+    `training.workers` is an institution daemon's matter (`fedqf institution --workers N`): a simulated institution
+    trains in one process, which gives the model N workers give (same batch, same steps, same epsilon).
     """
+    if config.training.workers > 1 and on_line is not None:
+        on_line(f"fedqf: note: training.workers = {config.training.workers} applies to institution daemons; "
+                "each simulated institution trains in one process (same batches, steps and epsilon)")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fedqf-sim-"))

@@ -184,8 +184,6 @@ def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.op
                    training: TrainingSection, dp: DpSgdSettings, seed: int, ctx: WorkerContext,
                    ledger: PrivacyLedger | None, global_params: list[torch.Tensor],
                    proximal_mu: float) -> tuple[int, float, int, float]:
-    from opacus import GradSampleModule
-
     module: nn.Module = model
     if ctx.distributed:
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
@@ -222,9 +220,11 @@ def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.op
                     loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
     finally:
-        # Opacus wraps the module; strip its hooks so the plain model can be evaluated and reused.
-        if isinstance(private.module, GradSampleModule):
-            private.module.remove_hooks()
+        # Opacus wraps the module (a GradSampleModule, or its ghost-clipping variant, which is not a subclass);
+        # strip its hooks so that the plain model can be evaluated and trained again.
+        remove_hooks = getattr(private.module, "remove_hooks", None)
+        if callable(remove_hooks):
+            remove_hooks()
     if ledger is not None:
         steps = private.commit(ledger=ledger)
     return steps, loss_sum, seen, private.sample_rate

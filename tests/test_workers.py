@@ -218,3 +218,47 @@ def test_two_nodes_of_one_worker_rendezvous_and_train_as_one(data_file: Path, tm
     for ours, theirs in zip(_weights(reply), _weights(alone), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "node1" / "state.json").exists()  # the ledger and model live with rank 0 only
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_model_trains_again_after_dp_sgd_without_opacus_hooks_left(mode: str) -> None:
+    import torch
+
+    from fedqf.config import GradSampleMode, ModelSection, TrainingSection
+    from fedqf.data import Dataset
+    from fedqf.model import build_model
+    from fedqf.privacy import PrivacyLedger
+    from fedqf.trainer import DpSgdSettings, train_local
+
+    rng = np.random.default_rng(0)
+    data = Dataset(features=rng.standard_normal((64, 6), dtype=np.float32), labels=rng.integers(0, 2, 64))
+    model = build_model(ModelSection(hidden=(8,)), num_features=6, num_classes=2, generator=torch.Generator())
+    training = TrainingSection(batch_size=16, grad_sample_mode=GradSampleMode(mode))
+    ledger = PrivacyLedger()
+    for seed in (1, 2):
+        result = train_local(model, data, training=training, dp=DpSgdSettings(1.0, 1.0, False), seed=seed,
+                             ledger=ledger)
+        assert result.steps == 4
+    assert ledger.total_steps == 8
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_institution_flags_are_checked_before_anything_starts(tmp_path: Path, default_toml: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from fedqf.cli import main
+
+    federation = tmp_path / "federation.toml"
+    federation.write_text(default_toml)
+    base = ["institution", str(federation), "--name", "h", "--state", str(tmp_path / "state")]
+    cases = [
+        ([], "needs --data, --node-key, --ca, --superlink"),
+        (["--nnodes", "2", "--node-rank", "1"], "needs --rdzv-endpoint"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:1"], "--node-rank must be in 0..1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--nnodes", "2", "--rdzv-endpoint", "nohost"], "expected HOST:PORT"),
+    ]
+    for flags, message in cases:
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "state").exists()
