@@ -11,7 +11,12 @@ institution uploads per round, and the coordinator's peak memory (VmHWM/VmRSS of
 packing API alone on an N-parameter update of two institutions (no Flower), in a child process of its own.
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/secure_aggregation.py [--config FILE] [--out DIR]
-        [--parts plain,secagg,ckks,ckks-unpacked,crypto] [--crypto-params 100000000]
+        [--parts plain,secagg,ckks,ckks-unpacked,crypto,sweep] [--crypto-params 100000000]
+        [--sweep-institutions 1,10,100 --sweep-rounds 2 --sweep-samples 1000]
+
+`--parts sweep` runs fedqf CKKS and plaintext at 1, 10 and 100 institutions and reports the peak memory of the
+coordinator (`flwr-simulation`, which hosts the ServerApp and, in simulation, Flower's message store) and of the
+SuperLink, against the size of one encrypted update.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from fedqf.simulation import federation_options
 DEFAULT_CONFIG = REPO / "sandboxes" / "large_model" / "federation.toml"
 FEDQF = str(Path(sys.executable).parent / "fedqf")
 COORDINATOR_PATTERNS = ("flwr-serverapp", "flwr-simulation")
+SUPERLINK_PATTERN = "flower-superlink"
+FEDERATION_PARTS = ("plain", "secagg", "ckks", "ckks-unpacked", "ckks-4bit", "ckks-q54")
 
 _SECAGG_MANIFEST = app_manifest(
     name="secaggplus-bench",
@@ -151,7 +158,7 @@ def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()
-    with MemorySampler(COORDINATOR_PATTERNS) as sampler:
+    with MemorySampler((*COORDINATOR_PATTERNS, SUPERLINK_PATTERN)) as sampler:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     outer = time.perf_counter() - started
     (out_dir.parent / f"{out_dir.name}.log").write_text(result.stdout + result.stderr)
@@ -165,6 +172,7 @@ def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path
     return FederationCost(label, seconds, statistics.fmean(sent) / params, _mib(sampler.peak_rss_kib),
                           _mib(sampler.peak_hwm_kib), outer, summary.get("final_accuracy"),
                           {"bytes_sent_min_max": [min(sent), max(sent)], "command": " ".join(command[1:]),
+                           "ckks_parameters": summary.get("ckks"),
                            "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
 
 
@@ -221,6 +229,51 @@ def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_
                           float(result["rounds"][-1]["test_accuracy"]),
                           {"stage_mean_bytes": stage_mean, "params_in_app": result["params"],
                            "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
+
+
+# --- coordinator memory against the number of institutions ----------------------------------------------------
+
+
+def memory_sweep(config_path: Path, out: Path, params: int, *, institutions: list[int], rounds: int,
+                 samples_per_institution: int) -> dict[str, object]:
+    """fedqf CKKS and plaintext at each number of institutions: peak memory of the coordinator processes.
+
+    Each institution keeps `samples_per_institution` training records (data.samples is scaled so that the 20% test
+    split leaves that many per institution); `rounds` rounds. The packing headroom follows the number of
+    institutions (max_institutions = institutions), so one encrypted update grows from 3 to 2 values per slot at
+    100 institutions; `scale_bits` is raised to 28 where 24 leaves no room for the noise of 100 summed updates.
+    """
+    rows: dict[str, object] = {}
+    for n in institutions:
+        samples = int(round(samples_per_institution * n / 0.8))
+        common = [f"federation.institutions={n}", f"federation.rounds={rounds}", f"data.samples={samples}"]
+        scale = ["secure_aggregation.scale_bits=28"] if n > 10 else []
+        for mode, extra in (("plain", ["secure_aggregation.mode=none"]), ("ckks", scale)):
+            key = f"{mode}-{n}"
+            print(f"  sweep {key} ...", flush=True)
+            cost = run_fedqf(f"{mode}, {n} institutions", config_path, common + extra, out / "sweep" / key, params)
+            update_bytes = cost.bytes_per_param * params if mode == "ckks" else 4.0 * params
+            rows[key] = {**asdict(cost), "institutions": n, "update_bytes": update_bytes}
+    return rows
+
+
+def sweep_table(rows: dict[str, dict[str, object]]) -> str:
+    lines = ["| institutions | one update MB (ckks) | `flwr-simulation` VmHWM MiB plain / ckks | ckks - plain MiB | "
+             "(ckks - plain) / update | `flower-superlink` VmHWM MiB plain / ckks | round s plain / ckks |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    counts = sorted({int(r["institutions"]) for r in rows.values()})  # type: ignore[call-overload]
+    for n in counts:
+        plain, ckks = rows.get(f"plain-{n}"), rows.get(f"ckks-{n}")
+        if plain is None or ckks is None:
+            continue
+        sim = [float(r["coordinator_hwm_mib"].get("flwr-simulation", 0.0)) for r in (plain, ckks)]  # type: ignore[attr-defined]
+        link = [float(r["coordinator_hwm_mib"].get(SUPERLINK_PATTERN, 0.0)) for r in (plain, ckks)]  # type: ignore[attr-defined]
+        update_mib = float(ckks["update_bytes"]) / 2**20  # type: ignore[arg-type]
+        rounds = [statistics.fmean(r["round_seconds"]) for r in (plain, ckks)]  # type: ignore[arg-type]
+        lines.append(f"| {n} | {float(ckks['update_bytes']) / 1e6:.2f} | {sim[0]:.0f} / {sim[1]:.0f} | "  # type: ignore[arg-type]
+                     f"{sim[1] - sim[0]:+.0f} | {(sim[1] - sim[0]) / update_mib:.1f}x | {link[0]:.0f} / {link[1]:.0f} | "
+                     f"{rounds[0]:.2f} / {rounds[1]:.2f} |")
+    return "\n".join(lines)
 
 
 # --- fedqf's crypto + packing API alone, at large parameter counts ---------------------------------------------
@@ -326,12 +379,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation TOML (default: large_model)")
     parser.add_argument("--out", type=Path, default=None, help="outputs and results.json (default: a temp dir)")
     parser.add_argument("--parts", default="plain,secagg,ckks,ckks-unpacked,crypto",
-                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, crypto")
+                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, ckks-4bit, ckks-q54, crypto, sweep")
     parser.add_argument("--num-shares", type=int, default=3, help="SecAgg+ num_shares")
     parser.add_argument("--threshold", type=int, default=2, help="SecAgg+ reconstruction_threshold")
     parser.add_argument("--crypto-params", type=int, default=100_000_000, help="parameters for the crypto-only part")
     parser.add_argument("--crypto-block", type=int, default=3 * 4096 * 256, help="parameters per block (crypto part)")
     parser.add_argument("--crypto-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-institutions", default="1,10,100", help="institution counts of the memory sweep")
+    parser.add_argument("--sweep-rounds", type=int, default=2, help="rounds per run of the memory sweep")
+    parser.add_argument("--sweep-samples", type=int, default=1000, help="training records per institution (sweep)")
     args = parser.parse_args()
     config = load_config(args.config)
     if args.crypto_child:
@@ -361,6 +417,12 @@ def main() -> None:
         "ckks": ("fedqf CKKS packed", []),
         "ckks-unpacked": ("fedqf CKKS unpacked",
                           ["secure_aggregation.quantization_bits=0", "secure_aggregation.scale_bits=40"]),
+        # 4 bits leave room for 4 values per slot with 10 institutions: 8 bytes per parameter.
+        "ckks-4bit": ("fedqf CKKS packed, 4 bits", ["secure_aggregation.quantization_bits=4"]),
+        # 6 bits, 3 per slot, with the smallest first prime that still decodes the sum (scale 2^21, q_0 of 54
+        # bits): SEAL's zstd then compresses the ciphertexts' unused high bits.
+        "ckks-q54": ("fedqf CKKS packed, q_0 54 bits", ["secure_aggregation.coeff_mod_bit_sizes=[54,60]",
+                                                        "secure_aggregation.scale_bits=21"]),
     }
     for part in parts:
         print(f"running {part} ...", flush=True)
@@ -371,6 +433,10 @@ def main() -> None:
         elif part == "secagg":
             results[part] = asdict(run_secaggplus(config, out / part, params, num_shares=args.num_shares,
                                                   threshold=args.threshold))
+        elif part == "sweep":
+            counts = [int(x) for x in args.sweep_institutions.split(",") if x.strip()]
+            results["sweep"] = memory_sweep(args.config.resolve(), out, params, institutions=counts,
+                                            rounds=args.sweep_rounds, samples_per_institution=args.sweep_samples)
         elif part == "crypto":
             child = subprocess.run([sys.executable, __file__, "--config", str(args.config), "--crypto-child",
                                     "--crypto-params", str(args.crypto_params), "--crypto-block",
@@ -384,13 +450,12 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2))
 
     runs = [FederationCost(**{k: v for k, v in results[p].items()})  # type: ignore[arg-type]
-            for p in ("plain", "secagg", "ckks", "ckks-unpacked") if p in results]
+            for p in FEDERATION_PARTS if p in results]
     if runs:
         print()
         print(table(runs))
-        by = {p: FederationCost(**results[p]) for p in ("plain", "secagg", "ckks", "ckks-unpacked")  # type: ignore[arg-type]
-              if p in results}
-        for enc in ("ckks", "ckks-unpacked"):
+        by = {p: FederationCost(**results[p]) for p in FEDERATION_PARTS if p in results}  # type: ignore[arg-type]
+        for enc in FEDERATION_PARTS[2:]:
             if enc not in by:
                 continue
             for base in ("plain", "secagg"):
@@ -398,6 +463,9 @@ def main() -> None:
                     print(f"{enc} / {base}, mean round s (rounds >= 2): "
                           f"{by[enc].mean_after_first / by[base].mean_after_first:.2f}x; "
                           f"bytes/param {by[enc].bytes_per_param / by[base].bytes_per_param:.2f}x")
+    if "sweep" in results:
+        print()
+        print(sweep_table(results["sweep"]))  # type: ignore[arg-type]
     for key, value in results.items():
         if key.startswith("crypto-"):
             print(f"\n{key}: {json.dumps(value)}")

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import remove_content_from_message
 from flwr.common.logger import log
 
 from fedqf.config import FederationConfig, SecureAggregationMode
@@ -224,7 +225,9 @@ def aggregate_train_replies(
                     if setup.max_update_norm > 0 and reference is not None and not is_encrypted(reference):
                         _check_update_norm(message, setup, reference)
                 weight_sum += weight
-                accepted.append(message)
+                # Under CKKS the update now lives in the running sum: keep the reply without its ciphertexts, or
+                # the coordinator would hold every institution's update until the round ends.
+                accepted.append(remove_content_from_message(message) if running is not None else message)
             except FedqfError as exc:
                 report = report.rejected(str(exc))
         if report.status is not ReplyStatus.OK:
