@@ -11,10 +11,14 @@ each institution's ledger (state/state.json) against the steps institutions.csv 
 
     cd /tmp && PYTHONPATH=/work/main /work/venv/bin/python /work/main/benchmarks/soak.py \
         [--institutions 10] [--rounds 50] [--kill-every 10] [--coordinator-kill-after 25] \
-        [--plain] [--baseline] [--out DIR]
+        [--min-institutions K] [--round-timeout S] [--retries R] [--plain | --reproducible-dp] [--baseline] [--out DIR]
 
-`--plain` adds `--set secure_aggregation.mode=none --set privacy.mode=none` (deterministic with fixed seeds), for
-the model comparison; without it the federation runs CKKS + DP-SGD as the sandbox file says.
+`--plain` adds `--set secure_aggregation.mode=none --set privacy.mode=none`, and `--reproducible-dp` adds
+`--set secure_aggregation.mode=none --set privacy.reproducible_noise=true` (DP-SGD with noise and sampling seeded
+from the federation seed): both are deterministic with fixed seeds, for the model comparison; without either the
+federation runs CKKS + DP-SGD as the sandbox file says. `--min-institutions` defaults to all institutions: a round
+then waits (and is retried, `federation.round_retries`) until every institution contributed, a restarted one
+included, so the interrupted run aggregates the same updates as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -316,6 +320,11 @@ def main() -> None:
     parser.add_argument("--kill-every", type=int, default=10)
     parser.add_argument("--coordinator-kill-after", type=int, default=25)
     parser.add_argument("--plain", action="store_true", help="secure_aggregation.mode=none, privacy.mode=none")
+    parser.add_argument("--reproducible-dp", action="store_true",
+                        help="secure_aggregation.mode=none, privacy.reproducible_noise=true (DP-SGD, seeded noise)")
+    parser.add_argument("--min-institutions", type=int, default=0, help="federation.min_institutions (0: all)")
+    parser.add_argument("--round-timeout", type=float, default=60.0, help="federation.round_timeout")
+    parser.add_argument("--retries", type=int, default=3, help="federation.round_retries")
     parser.add_argument("--baseline", action="store_true", help="also an uninterrupted run; compare model.pt")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", type=Path, default=None)
@@ -330,9 +339,12 @@ def main() -> None:
     out.mkdir(parents=True)
     n = args.institutions
     overrides = [f"federation.institutions={n}", f"federation.rounds={args.rounds}",
-                 f"federation.min_institutions={n - 1}", "federation.round_timeout=60"]
+                 f"federation.min_institutions={args.min_institutions or n}",
+                 f"federation.round_timeout={args.round_timeout:g}", f"federation.round_retries={args.retries}"]
     if args.plain:
         overrides += ["secure_aggregation.mode=none", "privacy.mode=none"]
+    elif args.reproducible_dp:
+        overrides += ["secure_aggregation.mode=none", "privacy.reproducible_noise=true"]
     sets = [a for o in overrides for a in ("--set", o)]
     print(f"machine: {machine()}")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -347,10 +359,18 @@ def main() -> None:
         report("uninterrupted run", base, check(out, base, institutions=n, rounds=args.rounds), args.rounds)
         diff = compare_models(soak["run_dir"] / "model.pt", base["run_dir"] / "model.pt")
         print(f"\nmax |model.pt difference|, interrupted vs uninterrupted: {diff:.3g}")
-        for name in ("history.csv",):
-            a, b = read_csv(soak["run_dir"] / name), read_csv(base["run_dir"] / name)
-            same = [int(x["round"]) for x, y in zip(a, b) if x.get("accuracy") == y.get("accuracy")]
-            print(f"rounds whose validation accuracy matches the uninterrupted run: {len(same)} of {len(a)}")
+        a, b = read_csv(soak["run_dir"] / "history.csv"), read_csv(base["run_dir"] / "history.csv")
+        same = [int(x["round"]) for x, y in zip(a, b) if x.get("accuracy") == y.get("accuracy")]
+        print(f"rounds whose validation accuracy matches the uninterrupted run: {len(same)} of {len(a)}")
+        print(f"final validation accuracy: interrupted {a[-1].get('accuracy')}, uninterrupted {b[-1].get('accuracy')}")
+        losses = {}
+        for tag, rows in (("soak", read_csv(soak["run_dir"] / "institutions.csv")),
+                          ("base", read_csv(base["run_dir"] / "institutions.csv"))):
+            losses[tag] = {(r["institution"], int(r["round"])): r.get("train_loss") for r in rows if r["status"] == "ok"}
+        differing = sorted(k for k in losses["soak"].keys() & losses["base"].keys()
+                           if losses["soak"][k] != losses["base"][k])
+        print(f"(institution, round) train losses compared: {len(losses['soak'].keys() & losses['base'].keys())}; "
+              f"differing: {len(differing)}{' (first: ' + str(differing[0]) + ')' if differing else ''}")
     print(f"\noutputs: {out}")
 
 

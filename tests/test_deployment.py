@@ -426,3 +426,47 @@ def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> No
     back = [r for r in "3456789" if "hospital-2" in trained[r]]
     assert back and max(left_out) < max(back)  # it came back, caught up, and trained again
     assert "caught up" in (material / "dropout-institution2-restarted.log").read_text()
+
+
+def test_with_every_institution_required_a_restarted_institution_still_contributes(material: Path) -> None:
+    """min_institutions = all: kill one of three after round 1 and restart it at once; the round waits (sending
+    the instruction again once it is back, retrying past the deadline) and every round aggregates all three."""
+    overrides = ["--set", "federation.rounds=4", "--set", "federation.min_institutions=3",
+                 "--set", "federation.round_timeout=20", "--set", "federation.round_retries=10"]
+    port = free_port()
+    out = material / "wait-run"
+    coordinator = start(["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
+                         "keys/coordinator.ckks", *[a for i in range(3) for a in ("--node-key", f"node{i}/node.pub")],
+                         "--address", f"127.0.0.1:{port}", "--health", "", "--out", str(out)],
+                        material, material / "wait-coordinator.log")
+
+    def institution(i: int, log_name: str) -> subprocess.Popen[bytes]:
+        return start(["institution", str(FEDERATION), *overrides, "--name", f"hospital-{i}", "--data",
+                      f"data/hospital-{i}.csv", "--context", "keys/institution.ckks", "--node-key",
+                      f"node{i}/node.key", "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}",
+                      "--state", f"wait-state{i}", "--retry-seconds", "300"], material, material / log_name)
+
+    institutions = [institution(i, f"wait-institution{i}.log") for i in range(3)]
+    try:
+        checkpoint = out / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (
+            checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 1
+        ):
+            assert coordinator.poll() is None, (material / "wait-coordinator.log").read_text()[-2000:]
+            time.sleep(0.5)
+        _kill_tree(institutions[2])  # during round 2
+        institutions[2] = institution(2, "wait-institution2-restarted.log")
+        assert coordinator.wait(timeout=500) == 0, (material / "wait-coordinator.log").read_text()[-3000:]
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4 and summary["stopped_reason"] is None
+    rows = read_csv(out / "institutions.csv")
+    ok = [(r["institution"], r["round"]) for r in rows if r["status"] == "ok"]
+    assert sorted(ok) == sorted((f"hospital-{i}", str(r)) for i in range(3) for r in range(1, 5))  # each once
+    assert "trained round" in (material / "wait-institution2-restarted.log").read_text()
+    coordinator_log = (material / "wait-coordinator.log").read_text()
+    assert "sending the instruction again" in coordinator_log or "asking the 1 others again" in coordinator_log
