@@ -33,16 +33,16 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from secure_aggregation import APP_PATH, MemorySampler, machine  # noqa: E402
+from secure_aggregation import APP_PATH, MemorySampler, machine
 
-from fedqf.crypto import (  # noqa: E402
+from fedqf.crypto import (
     CkksParameters,
     generate_context,
     serialize_private_context,
     serialize_public_context,
 )
-from fedqf.errors import FederationError  # noqa: E402
-from fedqf.runtime import (  # noqa: E402
+from fedqf.errors import FederationError
+from fedqf.runtime import (
     CONNECTION,
     SuperLink,
     app_manifest,
@@ -51,7 +51,7 @@ from fedqf.runtime import (  # noqa: E402
     stop_process_group,
     submit_run,
 )
-from fedqf.runtime import start_superlink as _start_superlink  # noqa: E402
+from fedqf.runtime import start_superlink as _start_superlink
 
 PATTERNS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp")
 MANIFEST = app_manifest(

@@ -60,7 +60,7 @@ def _quantized_block(index: int, block: int, start: int, length: int, scheme: Pa
     return scheme.quantize(values, rng)
 
 
-def _trace(context: Context, **row: float | int | str) -> None:
+def _trace(context: Context, **row: float | str) -> None:
     with open(str(context.run_config[TRACE_KEY]), "a") as handle:
         handle.write(json.dumps(row) + "\n")
 

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -235,7 +236,8 @@ def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_
 
 
 def memory_sweep(config_path: Path, out: Path, params: int, *, institutions: list[int], rounds: int,
-                 samples_per_institution: int) -> dict[str, object]:
+                 samples_per_institution: int, modes: tuple[str, ...] = ("plain", "ckks"),
+                 rows: dict[str, object] | None = None, save: Callable[[], None] | None = None) -> dict[str, object]:
     """fedqf CKKS and plaintext at each number of institutions: peak memory of the coordinator processes.
 
     Each institution keeps `samples_per_institution` training records (data.samples is scaled so that the 20% test
@@ -243,36 +245,52 @@ def memory_sweep(config_path: Path, out: Path, params: int, *, institutions: lis
     institutions (max_institutions = institutions), so one encrypted update grows from 3 to 2 values per slot at
     100 institutions; `scale_bits` is raised to 28 where 24 leaves no room for the noise of 100 summed updates.
     """
-    rows: dict[str, object] = {}
+    rows = {} if rows is None else rows
     for n in institutions:
-        samples = int(round(samples_per_institution * n / 0.8))
+        samples = round(samples_per_institution * n / 0.8)
         common = [f"federation.institutions={n}", f"federation.rounds={rounds}", f"data.samples={samples}"]
         scale = ["secure_aggregation.scale_bits=28"] if n > 10 else []
         for mode, extra in (("plain", ["secure_aggregation.mode=none"]), ("ckks", scale)):
+            if mode not in modes:
+                continue
             key = f"{mode}-{n}"
             print(f"  sweep {key} ...", flush=True)
             cost = run_fedqf(f"{mode}, {n} institutions", config_path, common + extra, out / "sweep" / key, params)
             update_bytes = cost.bytes_per_param * params if mode == "ckks" else 4.0 * params
             rows[key] = {**asdict(cost), "institutions": n, "update_bytes": update_bytes}
+            if save is not None:
+                save()  # each run is kept as soon as it ends: a 100-institution run takes long
     return rows
 
 
 def sweep_table(rows: dict[str, dict[str, object]]) -> str:
-    lines = ["| institutions | one update MB (ckks) | `flwr-simulation` VmHWM MiB plain / ckks | ckks - plain MiB | "
-             "(ckks - plain) / update | `flower-superlink` VmHWM MiB plain / ckks | round s plain / ckks |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    """Coordinator peak memory per number of institutions; growth is measured from the smallest CKKS run."""
+
+    def hwm(row: dict[str, object] | None, pattern: str) -> float | None:
+        if row is None:
+            return None
+        return float(row["coordinator_hwm_mib"].get(pattern, 0.0))  # type: ignore[attr-defined]
+
+    def cell(value: float | None, fmt: str = "{:.0f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    header = ("| institutions | one encrypted update MiB | `flwr-simulation` VmHWM MiB, CKKS | growth from the fewest "
+              "institutions, MiB | growth / one update | `flwr-simulation` VmHWM MiB, plaintext | "
+              "`flower-superlink` VmHWM MiB, CKKS | mean round s, CKKS / plaintext |")
+    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     counts = sorted({int(r["institutions"]) for r in rows.values()})  # type: ignore[call-overload]
+    first: float | None = None
     for n in counts:
         plain, ckks = rows.get(f"plain-{n}"), rows.get(f"ckks-{n}")
-        if plain is None or ckks is None:
-            continue
-        sim = [float(r["coordinator_hwm_mib"].get("flwr-simulation", 0.0)) for r in (plain, ckks)]  # type: ignore[attr-defined]
-        link = [float(r["coordinator_hwm_mib"].get(SUPERLINK_PATTERN, 0.0)) for r in (plain, ckks)]  # type: ignore[attr-defined]
-        update_mib = float(ckks["update_bytes"]) / 2**20  # type: ignore[arg-type]
-        rounds = [statistics.fmean(r["round_seconds"]) for r in (plain, ckks)]  # type: ignore[arg-type]
-        lines.append(f"| {n} | {float(ckks['update_bytes']) / 1e6:.2f} | {sim[0]:.0f} / {sim[1]:.0f} | "  # type: ignore[arg-type]
-                     f"{sim[1] - sim[0]:+.0f} | {(sim[1] - sim[0]) / update_mib:.1f}x | {link[0]:.0f} / {link[1]:.0f} | "
-                     f"{rounds[0]:.2f} / {rounds[1]:.2f} |")
+        sim = hwm(ckks, "flwr-simulation")
+        update_mib = float(ckks["update_bytes"]) / 2**20 if ckks else None  # type: ignore[arg-type]
+        first = sim if first is None else first
+        growth = None if sim is None or first is None else sim - first
+        rounds = [f"{statistics.fmean(r['round_seconds']):.2f}" if r else "-" for r in (ckks, plain)]  # type: ignore[arg-type]
+        lines.append(f"| {n} | {cell(update_mib, '{:.1f}')} | {cell(sim)} | {cell(growth, '{:+.0f}')} | "
+                     f"{cell(None if growth is None or not update_mib else growth / update_mib, '{:.1f}x')} | "
+                     f"{cell(hwm(plain, 'flwr-simulation'))} | {cell(hwm(ckks, SUPERLINK_PATTERN))} | "
+                     f"{rounds[0]} / {rounds[1]} |")
     return "\n".join(lines)
 
 
@@ -388,6 +406,7 @@ def main() -> None:
     parser.add_argument("--sweep-institutions", default="1,10,100", help="institution counts of the memory sweep")
     parser.add_argument("--sweep-rounds", type=int, default=2, help="rounds per run of the memory sweep")
     parser.add_argument("--sweep-samples", type=int, default=1000, help="training records per institution (sweep)")
+    parser.add_argument("--sweep-modes", default="plain,ckks", help="which of plain, ckks the sweep runs")
     args = parser.parse_args()
     config = load_config(args.config)
     if args.crypto_child:
@@ -435,8 +454,11 @@ def main() -> None:
                                                   threshold=args.threshold))
         elif part == "sweep":
             counts = [int(x) for x in args.sweep_institutions.split(",") if x.strip()]
-            results["sweep"] = memory_sweep(args.config.resolve(), out, params, institutions=counts,
-                                            rounds=args.sweep_rounds, samples_per_institution=args.sweep_samples)
+            sweep_rows = results.setdefault("sweep", {})
+            memory_sweep(args.config.resolve(), out, params, institutions=counts, rounds=args.sweep_rounds,
+                         samples_per_institution=args.sweep_samples,
+                         modes=tuple(m.strip() for m in args.sweep_modes.split(",")), rows=sweep_rows,  # type: ignore[arg-type]
+                         save=lambda: results_path.write_text(json.dumps(results, indent=2)))
         elif part == "crypto":
             child = subprocess.run([sys.executable, __file__, "--config", str(args.config), "--crypto-child",
                                     "--crypto-params", str(args.crypto_params), "--crypto-block",

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from aggregation_memory import measure  # noqa: E402
+from aggregation_memory import measure
 
 
 @pytest.mark.parametrize("institutions", [1, 12])
