@@ -99,10 +99,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20000, help="records per hospital")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test without GPUs")
     parser.add_argument("--out", type=Path, default=None, help="copy the run directory and logs here")
+    parser.add_argument("--timeout", type=float, default=540.0, help="seconds to wait for the coordinator")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedqf-gpu-"))
     (work / "federation.toml").write_text(FEDERATION.format(rounds=args.rounds, device=args.device))
     write_data(work, records=args.records)
+    print(f"work directory {work}", flush=True)
     run([*FEDQF, "keys", "new", "keys"], work)
     for k in range(2):
         run([*FEDQF, "keys", "node", f"node{k}"], work)
@@ -127,7 +129,11 @@ def main() -> None:
                      "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}", "--state", f"state{k}",
                      "--workers", str(workers)],
                     cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        coordinator.wait(timeout=540)
+        print(f"{time.perf_counter() - started:6.1f} s: coordinator and institutions started", flush=True)
+        try:
+            coordinator.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"the coordinator did not finish within {args.timeout:.0f} s", flush=True)
     finally:
         for process in reversed(processes):
             stop_process_group(process)
@@ -135,7 +141,7 @@ def main() -> None:
     print(f"coordinator exit code {coordinator.returncode}; {wall:.1f} s from coordinator start")
     run_dir = work / "run"
     if not (run_dir / "summary.json").exists():
-        print((work / "coordinator.log").read_text(errors="replace")[-4000:])
+        print("--- coordinator.log\n" + (work / "coordinator.log").read_text(errors="replace")[-4000:])
         for k in range(2):
             print(f"--- institution-{k}.log\n" + (work / f"institution-{k}.log").read_text(errors="replace")[-3000:])
             log = work / f"state{k}" / "workers.log"
