@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedqf.config import GradSampleMode, TrainingSection
+from fedqf.config import Device, GradSampleMode, TrainingSection
 from fedqf.data import Dataset
+from fedqf.errors import ConfigError
 from fedqf.model import get_arrays
 from fedqf.privacy import PrivacyLedger, make_private
 
@@ -69,6 +70,22 @@ class WorkerContext:
         return self.world_size > 1
 
 
+def select_device(preference: Device | str, local_rank: int) -> tuple[torch.device, str]:
+    """The worker's device and the collective backend: one GPU per worker with NCCL, else CPU with gloo."""
+    preference = Device(preference)
+    if preference is Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("training.device = 'cuda' but this machine has no CUDA GPU; expected 'cpu' or 'auto'")
+    if preference is not Device.CPU and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"worker {local_rank} has no GPU: this node has {torch.cuda.device_count()}; expected --workers <= "
+                "the number of GPUs (or training.device = 'cpu')"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
 def _sampling_seed(seed: int, rank: int) -> int:
     # Every worker Poisson-samples its own shard with its own stream; rank 0 alone draws the DP noise.
     return (seed * 1_000_003 + 7919 * rank) % (2**63 - 1)
@@ -105,7 +122,7 @@ def train_local(
     Under DP-SGD the steps taken are committed to `ledger` exactly once, after training (rank 0 passes the ledger;
     the other workers pass none, their steps are rank 0's steps).
     """
-    ctx = workers or WorkerContext()
+    ctx = workers or WorkerContext(device=select_device(training.device, 0)[0])
     if dp is not None and ledger is None and ctx.rank == 0:
         raise ValueError("DP-SGD training needs the institution's PrivacyLedger")
     start = time.perf_counter()

@@ -39,12 +39,12 @@ import torch.distributed as dist
 from flwr.common.logger import log
 from torch import nn
 
-from fedqf.config import Device, FederationConfig, ModelSection, TrainingSection, config_from_dict, dump_config
+from fedqf.config import FederationConfig, ModelSection, TrainingSection, config_from_dict, dump_config
 from fedqf.data import Dataset
 from fedqf.errors import ConfigError, FederationError, FedqfError
 from fedqf.model import build_model
 from fedqf.privacy import PrivacyLedger
-from fedqf.trainer import DpSgdSettings, TrainResult, WorkerContext, train_local
+from fedqf.trainer import DpSgdSettings, TrainResult, WorkerContext, select_device, train_local
 
 COMMAND_KEY = "fedqf/command/{}"
 STATUS_DIR = "workers"  # under the state directory: one status file per local worker (pid, rank, what it does)
@@ -84,23 +84,7 @@ class GroupSettings:
             raise ConfigError(f"{path}: not a fedqf worker-group settings file ({exc})") from exc
 
 
-def select_device(preference: Device | str, local_rank: int) -> tuple[torch.device, str]:
-    """The worker's device and the collective backend: one GPU per worker with NCCL, else CPU with gloo."""
-    preference = Device(preference)
-    if preference is Device.CUDA and not torch.cuda.is_available():
-        raise ConfigError("training.device = 'cuda' but this machine has no CUDA GPU; expected 'cpu' or 'auto'")
-    if preference is not Device.CPU and torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"worker {local_rank} has no GPU: this node has {torch.cuda.device_count()}; expected --workers <= "
-                "the number of GPUs (or training.device = 'cpu')"
-            )
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), "nccl"
-    return torch.device("cpu"), "gloo"
-
-
-def join_group(preference: Device | str) -> WorkerContext:
+def join_group(preference: str) -> WorkerContext:
     """Join the process group that the elastic launcher set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)."""
     try:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -262,3 +262,17 @@ def test_institution_flags_are_checked_before_anything_starts(tmp_path: Path, de
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "state").exists()
+
+
+def test_asking_for_gpus_on_a_machine_without_them_is_a_config_error() -> None:
+    import torch
+
+    from fedqf.errors import ConfigError
+    from fedqf.trainer import select_device
+
+    if torch.cuda.is_available():  # this check is for the CPU machines CI runs on
+        assert select_device("cuda", 0)[1] == "nccl"
+        return
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        select_device("cuda", 0)
+    assert select_device("auto", 3) == (torch.device("cpu"), "gloo")
