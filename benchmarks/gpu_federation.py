@@ -2,7 +2,7 @@
 
 On loopback, as operators run it: `fedqf keys new`, `fedqf keys node`, `fedqf certs new`, `fedqf coordinator`,
 and two `fedqf institution` daemons; hospital-0 trains with `--workers 2` (two GPUs, NCCL, Opacus DPDDP),
-hospital-1 on one GPU. The data are synthetic tables written here (4 Gaussian classes, 64 features). Prints the
+hospital-1 on one GPU (single-process path, `training.device = "cuda"`). The data are synthetic tables written here (4 Gaussian classes, 64 features). Prints the
 run's history, institutions.csv and the devices every worker of hospital-0 trained on.
 
     python benchmarks/gpu_federation.py [--workers 2] [--rounds 3] [--out DIR]
