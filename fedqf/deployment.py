@@ -357,7 +357,9 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
                 break
             # The SuperNode gave up: the coordinator is not up, or has not admitted this node's key (yet).
             if time.monotonic() - started > 60:
-                delay, failing_since = 1.0, None
+                # It was connected: the failing starts now, not when that SuperNode started (a coordinator that
+                # restarts after `retry_seconds` of service must not look like one unreachable all that time).
+                delay, failing_since = 1.0, time.monotonic()
             failing_since = failing_since or started
             tail = [strip_ansi(ln).strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
             reason = next((ln for ln in reversed(tail) if "Failed" in ln or "could not" in ln), tail[-1] if tail else "")
