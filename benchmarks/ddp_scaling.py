@@ -91,7 +91,7 @@ def launch(args: argparse.Namespace, workers: int) -> list[dict[str, object]]:
                f"--nproc-per-node={workers}", str(Path(__file__).resolve()), "--worker", "--modes", *args.modes,
                "--device", args.device, "--batch-per-gpu", str(args.batch_per_gpu), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     results = [dict(json.loads(line[len("RESULT "):])) for line in done.stdout.splitlines()
