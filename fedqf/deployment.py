@@ -55,9 +55,25 @@ if TYPE_CHECKING:
 
 
 Printer = Callable[[str], None]
+# How long the relay waits for a training group that restarts after a worker failure (restart, imports, rendezvous).
+SERVICE_RESTART_WAIT = 180
 
 
 # --- coordinator ------------------------------------------------------------------------------------------------
+
+MAX_SELF_RESUMES = 3  # times a coordinator continues by itself after its ServerApp ended without a summary
+
+
+def checkpointed_round(run_dir: Path) -> int | None:
+    """The last round the run directory's checkpoint holds, or None without a readable checkpoint."""
+    import json
+
+    from fedqf.checkpoint import DIRECTORY
+
+    try:
+        return int(json.loads((run_dir / DIRECTORY / "state.json").read_text())["completed_round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -137,10 +153,22 @@ def run_coordinator(settings: CoordinatorSettings, *, printer: Printer = print) 
                     printer(text)
                 last[0] = text
 
-        lines = submit_run(superlink, work / "app", run_config=run_config, on_line=relay)
-        if not (out_dir / "summary.json").exists():
-            raise FederationError(f"the federation ended without a summary: {last_error(lines)}")
-        return out_dir
+        resumed_by_itself = 0
+        while True:
+            before = checkpointed_round(out_dir)
+            lines = submit_run(superlink, work / "app", run_config=run_config, on_line=relay)
+            if (out_dir / "summary.json").exists():
+                return out_dir
+            after = checkpointed_round(out_dir)
+            # The ServerApp process died (killed, or its run dropped by the SuperLink) but the SuperLink and the
+            # institutions are up: continue from the checkpoint, as `--resume` would; give up without progress.
+            stalled = run_config["fedqf-resume"] == "1" and after == before
+            if after is None or stalled or resumed_by_itself >= MAX_SELF_RESUMES:
+                raise FederationError(f"the federation ended without a summary: {last_error(lines)}")
+            resumed_by_itself += 1
+            printer(f"fedqf: the run ended without a summary after round {after} ({last_error(lines)}); "
+                    f"resuming from its checkpoint ({resumed_by_itself} of at most {MAX_SELF_RESUMES})")
+            run_config["fedqf-resume"] = "1"
     finally:
         if superlink is not None:
             superlink.stop()
@@ -335,7 +363,8 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             "--superlink", settings.superlink,
             "--root-certificates", str(settings.ca_cert.resolve()),
             "--auth-supernode-private-key", str(settings.node_key.resolve()),
-            "--node-config", f'fedqf-service="{address}" institution="{settings.name}"',
+            "--node-config", f'fedqf-service="{address}" institution="{settings.name}" '
+                             f'fedqf-service-wait={SERVICE_RESTART_WAIT if group is not None else 0}',
             "--port", str(free_port()),
             "--max-wait-time", str(int(settings.retry_seconds)),
         ]  # fmt: skip

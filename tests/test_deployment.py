@@ -470,3 +470,48 @@ def test_with_every_institution_required_a_restarted_institution_still_contribut
     assert "trained round" in (material / "wait-institution2-restarted.log").read_text()
     coordinator_log = (material / "wait-coordinator.log").read_text()
     assert "sending the instruction again" in coordinator_log or "asking the 1 others again" in coordinator_log
+
+
+def test_coordinator_continues_by_itself_when_its_serverapp_dies(material: Path) -> None:
+    """SIGKILL only the ServerApp process after round 1: the SuperLink and institutions stay up, and the coordinator
+    resumes from its checkpoint by itself; no round is lost or counted twice."""
+    overrides = ["--set", "federation.rounds=4", "--set", "federation.round_timeout=30"]
+    port = free_port()
+    out = material / "self-resume-run"
+    coordinator = start(["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
+                         "keys/coordinator.ckks", *[a for i in range(3) for a in ("--node-key", f"node{i}/node.pub")],
+                         "--address", f"127.0.0.1:{port}", "--health", "", "--out", str(out)],
+                        material, material / "self-resume-coordinator.log")
+    institutions = [
+        start(["institution", str(FEDERATION), *overrides, "--name", f"hospital-{i}", "--data", f"data/hospital-{i}.csv",
+               "--context", "keys/institution.ckks", "--node-key", f"node{i}/node.key", "--ca", "certs/ca.crt",
+               "--superlink", f"127.0.0.1:{port}", "--state", f"self-resume-state{i}", "--retry-seconds", "300"],
+              material, material / f"self-resume-institution{i}.log")
+        for i in range(3)
+    ]
+    try:
+        from fedqf.runtime import descendants
+
+        checkpoint = out / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (
+            checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 1
+        ):
+            assert coordinator.poll() is None, (material / "self-resume-coordinator.log").read_text()[-2000:]
+            time.sleep(0.5)
+        serverapps = [pid for pid in descendants(coordinator.pid)
+                      if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(serverapps) == 1
+        os.kill(serverapps[0], signal.SIGKILL)
+        assert coordinator.wait(timeout=500) == 0, (material / "self-resume-coordinator.log").read_text()[-3000:]
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+    log_text = (material / "self-resume-coordinator.log").read_text()
+    assert "resuming from its checkpoint" in log_text
+    history = read_csv(out / "history.csv")
+    assert [int(r["round"]) for r in history] == [1, 2, 3, 4]
+    rows = read_csv(out / "institutions.csv")
+    ok = [(r["institution"], r["round"]) for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)) and {n for n, _ in ok} == {"hospital-0", "hospital-1", "hospital-2"}
