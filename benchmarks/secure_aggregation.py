@@ -53,7 +53,7 @@ DEFAULT_CONFIG = REPO / "sandboxes" / "large_model" / "federation.toml"
 FEDQF = str(Path(sys.executable).parent / "fedqf")
 COORDINATOR_PATTERNS = ("flwr-serverapp", "flwr-simulation")
 SUPERLINK_PATTERN = "flower-superlink"
-FEDERATION_PARTS = ("plain", "secagg", "ckks", "ckks-unpacked", "ckks-4bit", "ckks-q54")
+FEDERATION_PARTS = ("plain", "secagg", "ckks", "ckks-unpacked", "ckks-4bit", "ckks-q54", "ckks-4bit-q56")
 
 _SECAGG_MANIFEST = app_manifest(
     name="secaggplus-bench",
@@ -397,7 +397,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation TOML (default: large_model)")
     parser.add_argument("--out", type=Path, default=None, help="outputs and results.json (default: a temp dir)")
     parser.add_argument("--parts", default="plain,secagg,ckks,ckks-unpacked,crypto",
-                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, ckks-4bit, ckks-q54, crypto, sweep")
+                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, ckks-4bit, ckks-q54, ckks-4bit-q56, "
+                             "crypto, sweep")
     parser.add_argument("--num-shares", type=int, default=3, help="SecAgg+ num_shares")
     parser.add_argument("--threshold", type=int, default=2, help="SecAgg+ reconstruction_threshold")
     parser.add_argument("--crypto-params", type=int, default=100_000_000, help="parameters for the crypto-only part")
@@ -442,6 +443,10 @@ def main() -> None:
         # bits): SEAL's zstd then compresses the ciphertexts' unused high bits.
         "ckks-q54": ("fedqf CKKS packed, q_0 54 bits", ["secure_aggregation.coeff_mod_bit_sizes=[54,60]",
                                                         "secure_aggregation.scale_bits=21"]),
+        # 4 bits, 4 per slot, with the smallest first prime that decodes the sum of 10 (scale 2^21): under 8 bytes.
+        "ckks-4bit-q56": ("fedqf CKKS packed, 4 bits, q_0 56 bits",
+                          ["secure_aggregation.quantization_bits=4", "secure_aggregation.coeff_mod_bit_sizes=[56,60]",
+                           "secure_aggregation.scale_bits=21"]),
     }
     for part in parts:
         print(f"running {part} ...", flush=True)

@@ -206,3 +206,16 @@ def _small_context(scale_bits: int):  # type: ignore[no-untyped-def]
         _SMALL_CONTEXTS[scale_bits] = generate_context(
             CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=scale_bits))
     return _SMALL_CONTEXTS[scale_bits]
+
+
+def test_ten_institutions_at_four_bits_go_under_eight_bytes_per_parameter() -> None:
+    # A 56-bit first prime is the smallest that decodes the sum of 10 at scale 2^21; SEAL's zstd compresses the
+    # unused high bits of each 64-bit coefficient word, which a 60-bit prime does not leave.
+    params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(56, 60), global_scale_bits=21)
+    scheme = PackingScheme.design(params, bits=4, max_contributors=10, value_bound=0.5)
+    assert scheme.values_per_slot == 4
+    context = generate_context(params)
+    top = np.full(2 * params.slots * scheme.values_per_slot, 2**4 - 1, dtype=np.int64)
+    update = encrypt(context, scheme.pack(top), bound=scheme.slot_bound)
+    assert update.nbytes / top.size < 8.0
+    np.testing.assert_array_equal(_encrypted_field_sums(context, scheme, [top] * 10), 10 * top)
