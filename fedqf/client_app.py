@@ -19,7 +19,8 @@ def _relay(message: Message, context: Context) -> Message:
     if service:
         from fedqf.service_client import call_institution_service
 
-        content = call_institution_service(str(service), message_type, message.content)
+        wait = float(context.node_config.get("fedqf-service-wait", 0))  # a worker group restarting: wait for it
+        content = call_institution_service(str(service), message_type, message.content, wait=wait)
     else:
         from fedqf.institution import handle_simulated
 

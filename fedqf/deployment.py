@@ -363,8 +363,8 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             "--superlink", settings.superlink,
             "--root-certificates", str(settings.ca_cert.resolve()),
             "--auth-supernode-private-key", str(settings.node_key.resolve()),
-            "--node-config", f'fedqf-service="{address}" institution="{settings.name}" '
-                             f'fedqf-service-wait={SERVICE_RESTART_WAIT if group is not None else 0}',
+            "--node-config", (f'fedqf-service="{address}" institution="{settings.name}" '
+                              f'fedqf-service-wait={SERVICE_RESTART_WAIT if group is not None else 0}'),
             "--port", str(free_port()),
             "--max-wait-time", str(int(settings.retry_seconds)),
         ]  # fmt: skip

@@ -71,13 +71,15 @@ def wait_serving(address: str, *, timeout: float) -> None:
 
 
 def call_institution_service(address: str, message_type: str, content: RecordDict, *, timeout: float = 3600.0,
-                             wait: float = 120.0) -> RecordDict:
+                             wait: float = 0.0) -> RecordDict:
     """Send an instruction to the institution service at `address` (e.g. unix:///path/service.sock).
 
-    Waits up to `wait` seconds for the service to serve (a training group restarting after a worker failure).
+    Waits up to `wait` seconds for the service to serve (a training group restarting after a worker failure);
+    with 0 a service that does not serve fails at once.
     Raises FederationError with the service's one-line reason when it fails or cannot be reached.
     """
-    wait_serving(address, timeout=wait)
+    if wait > 0:
+        wait_serving(address, timeout=wait)
     with grpc.insecure_channel(address, options=channel_options()) as channel:
         call = channel.unary_unary(HANDLE, request_serializer=None, response_deserializer=None)
         try:
@@ -85,7 +87,7 @@ def call_institution_service(address: str, message_type: str, content: RecordDic
         except grpc.RpcError as exc:
             detail = exc.details() if hasattr(exc, "details") else str(exc)
             if hasattr(exc, "code") and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                detail = (f"the service went away during the instruction ({detail}); its training group "
-                          "restarts after a worker failure, or the daemon was stopped")
+                detail = (f"the service went away during the instruction ({detail}): a worker of its training "
+                          "group failed and the group restarts, or the daemon was stopped")
             raise FederationError(f"institution service at {address}: {detail}") from exc
     return decode_reply(reply)
