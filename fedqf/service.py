@@ -26,6 +26,8 @@ from fedqf.service_client import HANDLE, SERVICE, channel_options, decode, encod
 
 # Sections an institution holds the coordinator to: it trains only under the terms it signed up for.
 _AGREED_SECTIONS = ("federation", "model", "training", "strategy", "secure_aggregation", "privacy")
+# How the coordinator runs its rounds (deadlines, retries, what it accepts) binds the coordinator, not institutions.
+_COORDINATOR_KEYS = ("round_timeout", "min_institutions", "round_retries", "max_update_bytes", "join_timeout")
 # How an institution trains on its own hardware is its own affair: the batch, epochs and privacy are agreed.
 _LOCAL_TRAINING_KEYS = ("workers", "device", "grad_sample_mode")
 
@@ -35,7 +37,7 @@ def check_agreement(local: FederationConfig, sent: FederationConfig) -> None:
     mine, theirs = local.to_dict(), sent.to_dict()
     for section in _AGREED_SECTIONS:
         for key, value in mine[section].items():
-            if section == "federation" and key in ("round_timeout", "min_institutions"):
+            if section == "federation" and key in _COORDINATOR_KEYS:
                 continue
             if section == "training" and key in _LOCAL_TRAINING_KEYS:
                 continue

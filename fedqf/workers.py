@@ -39,7 +39,7 @@ import torch.distributed as dist
 from flwr.common.logger import log
 from torch import nn
 
-from fedqf.config import FederationConfig, ModelSection, TrainingSection, config_from_dict, dump_config
+from fedqf.config import Device, FederationConfig, ModelSection, TrainingSection, config_from_dict, dump_config
 from fedqf.data import Dataset
 from fedqf.errors import ConfigError, FederationError, FedqfError
 from fedqf.model import build_model
@@ -312,6 +312,7 @@ def launch_command(spec: LaunchSpec, settings_path: Path) -> list[str]:
 
 def launch_group(spec: LaunchSpec, settings: GroupSettings, *, log_path: Path) -> subprocess.Popen[bytes]:
     """Start this node's workers under torch's elastic agent; the caller supervises (and stops) the process."""
+    check_devices(spec, settings.device)
     settings_path = Path(settings.state_dir) / "workers.json"
     settings.save(settings_path)
     env = dict(os.environ)
@@ -334,6 +335,9 @@ def wait_for_service(process: subprocess.Popen[bytes], address: str, *, log_path
         if process.poll() is not None:
             raise FederationError(f"the training group exited with code {process.returncode} before serving: "
                                   f"{log_tail(log_path)} (log: {log_path})")
+        refused = _worker_error(log_path)
+        if refused:  # a worker refused to start (bad state, data, device): restarting would refuse again
+            raise FederationError(f"the training group could not start: {refused} (log: {log_path})")
         try:
             if check_health(address, timeout=1.0) == "SERVING":
                 return
@@ -341,6 +345,28 @@ def wait_for_service(process: subprocess.Popen[bytes], address: str, *, log_path
             pass
         time.sleep(0.2)
     raise FederationError(f"the training group did not serve within {timeout:.0f} s (log: {log_path})")
+
+
+def _worker_error(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    marker = "fedqf worker: error: "
+    found = [line.strip() for line in text.splitlines() if marker in line]
+    return found[-1].split(marker, 1)[1] if found else ""
+
+
+def check_devices(spec: LaunchSpec, device: Device | str) -> None:
+    """Refuse more GPU workers than this node has GPUs, before launching anything."""
+    if Device(device) is Device.CPU:
+        return
+    count = torch.cuda.device_count()
+    if Device(device) is Device.CUDA and count == 0:
+        raise ConfigError("training.device = 'cuda' but this machine has no CUDA GPU; expected 'cpu' or 'auto'")
+    if count and spec.workers > count:
+        raise ConfigError(f"--workers {spec.workers} but this node has {count} GPUs; expected at most one worker "
+                          "per GPU (or training.device = 'cpu')")
 
 
 def log_tail(path: Path) -> str:

@@ -284,3 +284,24 @@ def test_asking_for_gpus_on_a_machine_without_them_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         select_device("cuda", 0)
     assert select_device("auto", 3) == (torch.device("cpu"), "gloo")
+
+
+def test_a_group_that_cannot_start_says_why_instead_of_restarting_forever(data_file: Path, tmp_path: Path) -> None:
+    import torch
+
+    from fedqf.errors import ConfigError
+    from fedqf.workers import check_devices
+
+    state = tmp_path / "broken"
+    state.mkdir()
+    (state / "state.json").write_text("{not json")  # a corrupt ledger must stop the institution, never reset it
+    group = Group(_config(), data_file, state, LaunchSpec(workers=2, max_restarts=100))
+    try:
+        with pytest.raises(FederationError, match="saved state is unreadable"):
+            group.wait()
+    finally:
+        group.stop()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            check_devices(LaunchSpec(workers=2), "cuda")
+        check_devices(LaunchSpec(workers=2), "auto")  # CPU workers: nothing to check
