@@ -181,11 +181,7 @@ class _Exchange:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         next_node_check = 0.0
         while not self._settled():
-            if deadline is not None and time.monotonic() >= deadline:
-                if not self._extend():
-                    break
-                assert self.timeout is not None
-                deadline = time.monotonic() + self.timeout
+            past_deadline = deadline is not None and time.monotonic() >= deadline
             arrived = list(self.inner.pull_messages(list(self.pending))) if self.pending else []
             for message in arrived:
                 message_id = message.metadata.reply_to_message_id
@@ -206,8 +202,14 @@ class _Exchange:
             if self.failed and time.monotonic() >= next_node_check:
                 self._resend_to_returned()
                 next_node_check = time.monotonic() + self.node_check_interval
-            if not self._settled():
-                time.sleep(self.poll_interval)
+            if self._settled():
+                break
+            if past_deadline:  # decided after the pull: replies waiting at the SuperLink count, however late we look
+                if not self._extend():
+                    break
+                assert self.timeout is not None
+                deadline = time.monotonic() + self.timeout
+            time.sleep(self.poll_interval)
         limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
         for node, message in self.outgoing.items():
             if node not in self.answered:

@@ -167,3 +167,20 @@ def test_an_evaluation_error_is_final() -> None:
 def test_a_round_policy_out_of_range_is_refused() -> None:
     with pytest.raises(FedqfError, match="invalid round policy"):
         RoundPolicy(min_replies=1, retries=-1)
+
+
+def test_replies_waiting_when_the_deadline_is_noticed_late_are_counted_before_a_retry() -> None:
+    # The coordinator looks again only after the deadline (its pull took that long, as on a loaded machine): the
+    # answers waiting at the SuperLink are taken first, so no institution is asked again and none left out.
+    class SlowFirstPull(FakeGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            if self.pulls == 0:
+                self._tick()
+                time.sleep(0.1)  # beyond the 0.05 s deadline; nothing arrives on this pull
+                return []
+            return super().pull_messages(message_ids)
+
+    fake = SlowFirstPull({1: Node(["answer"]), 2: Node(["answer"]), 3: Node(["answer"])})
+    replies = _exchange(fake, RoundPolicy(min_replies=3, retries=1), timeout=0.05)
+    assert fake.pushed == Counter({1: 1, 2: 1, 3: 1})
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3] and not any(r.has_error() for r in replies)
