@@ -185,13 +185,13 @@ def _train_plain(model: nn.Module, dataset: TensorDataset, optimizer: torch.opti
 
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         train_module = DistributedDataParallel(model, device_ids=device_ids)
-    generator = torch.Generator().manual_seed(seed)  # the same permutation on every worker
-    n, batch = len(labels), training.batch_size
+    # The batches of record indices a shuffling DataLoader seeded with `seed` draws, the same on every worker.
+    indices: list[int] = list(range(len(labels)))
+    batches: DataLoader[int] = DataLoader(indices, batch_size=training.batch_size, shuffle=True,  # type: ignore[arg-type]
+                                          generator=torch.Generator().manual_seed(seed))
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(training.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        for first in range(0, n, batch):
-            records = order[first : first + batch]
+        for records in batches:
             mine = records[ctx.rank :: ctx.world_size].to(features.device)
             x = features[mine].to(ctx.device, non_blocking=True)
             y = labels[mine].to(ctx.device, non_blocking=True)

@@ -305,3 +305,31 @@ def test_a_group_that_cannot_start_says_why_instead_of_restarting_forever(data_f
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             check_devices(LaunchSpec(workers=2), "cuda")
         check_devices(LaunchSpec(workers=2), "auto")  # CPU workers: nothing to check
+
+
+def test_one_worker_without_dp_trains_like_a_shuffling_dataloader() -> None:
+    """The batches are those of torch's DataLoader(shuffle=True) seeded with the round's seed: plain torch SGD."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedqf.config import ModelSection, TrainingSection
+    from fedqf.data import Dataset
+    from fedqf.model import build_model, get_arrays
+    from fedqf.trainer import train_local
+
+    rng = np.random.default_rng(1)
+    data = Dataset(features=rng.standard_normal((100, 6), dtype=np.float32), labels=rng.integers(0, 2, 100))
+    training = TrainingSection(batch_size=15, local_epochs=3, learning_rate=0.3, momentum=0.5)
+    ours, reference = (build_model(ModelSection(hidden=(8,)), num_features=6, num_classes=2,
+                                   generator=torch.Generator().manual_seed(0)) for _ in range(2))
+    train_local(ours, data, training=training, dp=None, seed=123)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=0.5)
+    loader = DataLoader(TensorDataset(torch.from_numpy(data.features), torch.from_numpy(data.labels)),
+                        batch_size=15, shuffle=True, generator=torch.Generator().manual_seed(123))
+    for _ in range(3):
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+    for a, b in zip(get_arrays(ours), get_arrays(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
