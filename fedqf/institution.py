@@ -180,10 +180,11 @@ def _quantization_rng(config: FederationConfig, index: int, server_round: int) -
     return np.random.default_rng()
 
 
-def resolve_global_model(inst: Institution, record: ArrayRecord, state: InstitutionState) -> tuple[int, Arrays]:
+def resolve_global_model(inst: Institution, record: ArrayRecord, state: InstitutionState, *,
+                         server_round: int = 0) -> tuple[int, Arrays]:
     """The global model w_t this instruction refers to, and t.
 
-    A plaintext record is w_t itself. An encrypted record is the round-t sum S with sum_k a_k; it applies to
+    A plaintext record is w_t itself: in the instruction of server round r it is w_{r-1}. An encrypted record is the round-t sum S with sum_k a_k; it applies to
     w_{t-1}: w_t = w_{t-1} + Dec(S) / sum_k a_k. A sum already applied is not applied twice.
     """
     layout = inst.layout
@@ -193,7 +194,7 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
             raise FedqfError(f"the global model lacks the arrays {missing}")
         arrays = [np.asarray(record[name].numpy(), dtype=np.float32) for name in layout.names]
         layout.flatten(arrays)  # checks every shape
-        return max(state.model_round, 0), arrays
+        return (server_round - 1 if server_round > 0 else max(state.model_round, 0)), arrays
     aggregate_round, weight_sum = aggregate_meta(record)
     contributors = int(record["fedqf.count"].numpy()[0]) if "fedqf.count" in record else 0
     if aggregate_round == state.model_round and state.global_arrays is not None:
@@ -278,10 +279,10 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     """
     config = inst.config
     catch_up(inst, content, state)
-    model_round, global_arrays = resolve_global_model(inst, _arrays(content), state)
-    state.model_round, state.global_arrays = model_round, global_arrays
     config_record = content.get(CONFIG)
     server_round = int(config_record.get("server-round", 0)) if isinstance(config_record, ConfigRecord) else 0  # type: ignore[arg-type]
+    model_round, global_arrays = resolve_global_model(inst, _arrays(content), state, server_round=server_round)
+    state.model_round, state.global_arrays = model_round, global_arrays
     proximal_mu = float(config_record.get("proximal-mu", 0.0)) if isinstance(config_record, ConfigRecord) else 0.0  # type: ignore[arg-type]
     if state.last_update is not None and server_round > 0 and state.last_update[:2] == (server_round, model_round):
         log(INFO, "%s resends its round %d update (asked again; no new privacy spend)", inst.name, server_round)

@@ -333,3 +333,10 @@ def test_one_worker_without_dp_trains_like_a_shuffling_dataloader() -> None:
             optimizer.step()
     for a, b in zip(get_arrays(ours), get_arrays(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_plaintext_replies_say_which_global_model_they_validated(data_file: Path) -> None:
+    # In round r a plaintext instruction carries w_{r-1}: the coordinator files the validation under that round.
+    replies = _alone(_config(), data_file, rounds=3)
+    assert [reply[METRICS]["model-round"] for reply in replies] == [0.0, 1.0, 2.0]
+    assert [reply[METRICS]["val-round"] for reply in replies] == [0.0, 1.0, 2.0]
