@@ -91,7 +91,17 @@ def join_group(preference: str) -> WorkerContext:
     except KeyError as exc:
         raise FedqfError(f"fedqf.workers runs under torch's elastic launcher; {exc.args[0]} is not set") from None
     device, backend = select_device(preference, local)
-    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
+    from torch.distributed.distributed_c10d import PrefixStore
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    # The elastic agent keeps one store across restarts of the group, and a restarted worker could read the
+    # addresses its dead predecessors published there (gloo then connects to a closed port): each attempt of the
+    # group gets its own namespace.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
+                               COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend=backend, store=PrefixStore(f"fedqf/attempt-{attempt}", store),
+                            rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     return WorkerContext(rank=rank, world_size=world, local_rank=local, device=device)
 
