@@ -255,6 +255,23 @@ class StockRun:
     rounds: list[dict[str, float]]
 
 
+def start_insecure_supernodes(work: Path, superlink: str, node_configs: Sequence[str], *,
+                              env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """One plain (loopback, no TLS) SuperNode per node config, each with its own FLWR_HOME and log under `work`."""
+    processes: list[subprocess.Popen[bytes]] = []
+    for k, node_config in enumerate(node_configs):
+        home = work / f"supernode{k}"
+        home.mkdir(exist_ok=True)
+        with (work / f"supernode{k}.log").open("wb") as handle:
+            processes.append(subprocess.Popen(
+                ["flower-supernode", "--insecure", "--superlink", superlink, "--node-config", node_config,
+                 "--port", str(free_port())],
+                stdout=handle, stderr=subprocess.STDOUT, env=flower_environment({"FLWR_HOME": str(home), **env}),
+                cwd=home, start_new_session=True,
+            ))  # fmt: skip
+    return processes
+
+
 def run_stock(work: Path, *, institutions: int, data_dir: Path, timeout: float = 600.0) -> StockRun:
     work.mkdir(parents=True, exist_ok=True)
     result_path, trace_path = work / "stock.json", work / "trace.jsonl"
@@ -264,16 +281,9 @@ def run_stock(work: Path, *, institutions: int, data_dir: Path, timeout: float =
     try:
         # The ServerApp (a child of the SuperLink) and every ClientApp (children of the SuperNodes) import the app.
         superlink = start_superlink(work, simulation=False, env=APP_PATH)
-        for k in range(institutions):
-            home = work / f"supernode{k}"
-            home.mkdir(exist_ok=True)
-            env = flower_environment({"FLWR_HOME": str(home), **APP_PATH})
-            with (work / f"supernode{k}.log").open("wb") as handle:
-                supernodes.append(subprocess.Popen(
-                    ["flower-supernode", "--insecure", "--superlink", superlink.address,
-                     "--node-config", f"partition-id={k} num-partitions={institutions}", "--port", str(free_port())],
-                    stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True,
-                ))  # fmt: skip
+        supernodes += start_insecure_supernodes(
+            work, superlink.address, [f"partition-id={k} num-partitions={institutions}" for k in range(institutions)],
+            env=APP_PATH)
         lines = submit_run(superlink, work / "app", manifest=_STOCK_MANIFEST, timeout=timeout, run_config={
             "bench-config": str(FEDERATION), "bench-data-dir": str(data_dir.resolve()),
             "bench-out": str(result_path), "bench-trace": str(trace_path)})

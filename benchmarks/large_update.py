@@ -33,6 +33,7 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from deployment_round_time import start_insecure_supernodes
 from secure_aggregation import APP_PATH, MemorySampler, machine
 
 from fedqf.crypto import (
@@ -113,16 +114,8 @@ def run(work: Path, *, params: int, block: int, institutions: int, headroom: int
     with MemorySampler(PATTERNS) as sampler:
         try:
             superlink = start_superlink(work, env=APP_PATH, database=database)
-            for k in range(institutions):
-                home = work / f"supernode{k}"
-                home.mkdir(exist_ok=True)
-                env = flower_environment({"FLWR_HOME": str(home), **APP_PATH})
-                with (work / f"supernode{k}.log").open("wb") as handle:
-                    supernodes.append(subprocess.Popen(
-                        ["flower-supernode", "--insecure", "--superlink", superlink.address,
-                         "--node-config", f"partition-id={k}", "--port", str(free_port())],
-                        stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True,
-                    ))  # fmt: skip
+            supernodes += start_insecure_supernodes(
+                work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
             lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
                 "bench-params": params, "bench-block": block, "bench-institutions": institutions,
                 "bench-headroom": headroom, "bench-bits": bits, "bench-secret-context": str(secret_path),
