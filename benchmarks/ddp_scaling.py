@@ -4,7 +4,8 @@ Runs fedqf's own training path (fedqf.trainer.train_local under fedqf.workers.jo
 NCCL) on 1, 2, 4... GPUs, side by side in one run, each group launched by torch's elastic launcher as
 `fedqf institution --workers N` launches it:
 - plain SGD (DDP);
-- DP-SGD through Opacus, with ghost clipping and with per-sample-gradient hooks.
+- DP-SGD: fedqf's book-keeping clipping (fedqf.bookkeeping, Opacus's noise and accounting), and Opacus's own
+  ghost clipping, per-sample-gradient hooks and functorch modes.
 Weak scaling: every GPU gets `--batch-per-gpu` records per step, so the institution's batch is N times that, and
 every configuration runs `--steps` steps of one local epoch (Poisson-sampled under DP: the expected count).
 Throughput is records per second, measured after a warm-up epoch; scaling efficiency at N GPUs is
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-MODES = ("plain", "dp-ghost", "dp-hooks", "dp-functorch")
+MODES = ("plain", "dp-bookkeeping", "dp-ghost", "dp-hooks", "dp-functorch")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -82,7 +83,26 @@ def worker(args: argparse.Namespace) -> None:
                 "batch": batch, "peak_gpu_gib": peak, "device": str(ctx.device),
                 "gpu": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else platform.processor(),
             }), flush=True)
+        if args.profile and ctx.device.type == "cuda":
+            _profile(model, warm, training, dp, ledger, ctx)
     torch.distributed.destroy_process_group()
+
+
+def _profile(model: object, data: object, training: object, dp: object, ledger: object, ctx: object) -> None:
+    """Where one warm-up-sized epoch spends its time, on rank 0: the top operators by GPU and by host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedqf.trainer import train_local
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_local(model, data, training=training, dp=dp, seed=3, ledger=ledger, workers=ctx)  # type: ignore[arg-type]
+        torch.cuda.synchronize()
+    if ctx.rank == 0:  # type: ignore[attr-defined]
+        table = prof.key_averages()
+        print(f"PROFILE {training.grad_sample_mode if dp else 'plain'} x{ctx.world_size}\n"  # type: ignore[attr-defined]
+              + table.table(sort_by="cuda_time_total", row_limit=14)
+              + table.table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
 
 
 def launch(args: argparse.Namespace, workers: int) -> list[dict[str, object]]:
@@ -90,10 +110,12 @@ def launch(args: argparse.Namespace, workers: int) -> list[dict[str, object]]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc-per-node={workers}", str(Path(__file__).resolve()), "--worker", "--modes", *args.modes,
                "--device", args.device, "--batch-per-gpu", str(args.batch_per_gpu), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup)] + (["--profile"] if args.profile else [])
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    for block in done.stdout.split("PROFILE ")[1:]:
+        print("PROFILE " + block.split("RESULT ")[0], flush=True)
     results = [dict(json.loads(line[len("RESULT "):])) for line in done.stdout.splitlines()
                if line.startswith("RESULT ")]
     if done.returncode or len(results) != len(args.modes):
@@ -111,6 +133,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps of a warm-up epoch before each timed one")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per mode (GPU)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

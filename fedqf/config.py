@@ -45,6 +45,9 @@ class GradSampleMode(str, Enum):
     FUNCTORCH = "functorch"
     EW = "ew"
     GHOST = "ghost"
+    # fedqf's own (fedqf.bookkeeping): clipped sums in one backward pass, no per-record gradients stored, for
+    # Linear, Conv2d, GroupNorm and LayerNorm layers; Opacus's noise, sampling and accounting.
+    BOOKKEEPING = "bookkeeping"
 
 
 class SecureAggregationMode(str, Enum):

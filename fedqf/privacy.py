@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -12,7 +12,8 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.ddpoptimizer_fast_gradient_clipping import DistributedDPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
@@ -369,11 +370,15 @@ class PrivateTraining:
         Raises:
             ConfigError: the pending history is out of range (cannot happen with a positive noise multiplier).
         """
-        pending = list(self._pending.history)
-        self._pending.history = []
-        for sigma, rate, steps in pending:
-            ledger.record(noise_multiplier=float(sigma), sample_rate=float(rate), steps=int(steps))
-        return sum(int(entry[2]) for entry in pending)
+        return _commit(self._pending, ledger)
+
+
+def _commit(pending_accountant: RDPAccountant, ledger: PrivacyLedger) -> int:
+    pending = list(pending_accountant.history)
+    pending_accountant.history = []
+    for sigma, rate, steps in pending:
+        ledger.record(noise_multiplier=float(sigma), sample_rate=float(rate), steps=int(steps))
+    return sum(int(entry[2]) for entry in pending)
 
 
 def make_private(
@@ -418,6 +423,8 @@ def make_private(
     except ValueError as exc:
         allowed = [member.value for member in GradSampleMode]
         raise ConfigError(f"grad_sample_mode must be one of {allowed}, got {grad_sample_mode!r}") from exc
+    if mode is GradSampleMode.BOOKKEEPING:
+        raise ConfigError("grad_sample_mode 'bookkeeping' is set up by make_private_bookkeeping, not Opacus's engine")
     if mode is GradSampleMode.GHOST and criterion is None:
         raise ConfigError("grad_sample_mode 'ghost' needs a criterion (the loss to wrap)")
 
@@ -462,3 +469,136 @@ def make_private(
         criterion=dp_criterion,
         _pending=pending,
     )
+
+
+class PoissonBatches:
+    """Opacus's Poisson sampling as index tensors, one per step, for a trainer that indexes its records itself.
+
+    One worker: every record is in the step's batch with probability q, independently, drawn as Opacus's
+    UniformWithReplacementSampler draws it (``torch.rand(n, generator) < q``), ``int(1 / q)`` steps per epoch.
+    Worker r of N: Opacus's DistributedUniformWithReplacementSampler: the records are split by a permutation from
+    seed 0 into N shards, and every worker samples its shard at rate q, so the union is a Poisson sample of rate q of
+    all records. Unlike Opacus's, an empty local batch is still a step (its gradient is zero): every worker takes
+    the same number of steps, so their all-reduces stay paired.
+    """
+
+    def __init__(self, *, num_records: int, sample_rate: float, generator: torch.Generator | None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.sample_rate = _check_sample_rate(sample_rate)
+        self.generator = generator
+        self.steps = int(1 / self.sample_rate)
+        if world_size > 1:
+            shuffle = torch.Generator().manual_seed(0)
+            self.records: torch.Tensor | None = torch.randperm(num_records, generator=shuffle)[rank::world_size]
+            self.size = len(self.records)
+        else:
+            self.records = None
+            self.size = num_records
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.generator is not None:
+            # Opacus's DPDataLoader is a DataLoader on the same generator, whose iterator first draws a base seed:
+            # draw it too, so that the same generator gives the same batches as Opacus's hooks mode.
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        for _ in range(self.steps):
+            chosen = (torch.rand(self.size, generator=self.generator) < self.sample_rate).nonzero().reshape(-1)
+            yield chosen if self.records is None else self.records[chosen]
+
+
+@dataclass(frozen=True)
+class BookkeepingTraining:
+    """The optimizer and Poisson batches of one round of DP-SGD with book-keeping clipping (fedqf.bookkeeping):
+    the trainer puts the clipped sum in every ``p.grad``; the optimizer adds the noise, divides by the expected
+    batch, all-reduces across workers and counts the step. ``commit`` works as PrivateTraining's."""
+
+    optimizer: DPOptimizer
+    batches: PoissonBatches
+    sample_rate: float
+    noise_multiplier: float
+    _pending: RDPAccountant = field(default_factory=RDPAccountant, repr=False, compare=False)
+
+    def commit(self, *, ledger: PrivacyLedger) -> int:
+        return _commit(self._pending, ledger)
+
+
+class _FlatAllReduceOptimizer(DistributedDPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """Opacus's distributed fast-clipping optimizer, all-reducing every gradient in one flat buffer (one
+    collective per step instead of one per parameter); the sums are the same."""
+
+    def reduce_gradients(self) -> None:
+        params = [p for p in self.params if p.requires_grad]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        if self.loss_reduction == "mean":
+            flat /= self.world_size
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+
+def make_private_bookkeeping(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    num_records: int,
+    batch_size: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator | None,
+    sampler: torch.Generator | None,
+    secure_mode: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BookkeepingTraining:
+    """DP-SGD with book-keeping clipping, set up exactly as ``make_private`` sets up Opacus's ghost mode: sample
+    rate q = 1 / ceil(n / B), expected batch int(n q) (per worker: divided by the number of workers, the all-reduce
+    averages), Opacus's DPOptimizerFastGradientClipping (rank 0 alone adds noise when distributed) and an RDP
+    accountant hook counting every step into the pending count.
+
+    Randomness: noise from ``generator`` and sampling from ``sampler``, or both from Opacus's CSPRNG in secure
+    mode (then neither may be given).
+
+    Raises:
+        ConfigError: sigma or C is not positive and finite, there are no records, or secure mode is asked without
+            torchcsprng installed.
+    """
+    sigma = _check_positive("noise_multiplier", noise_multiplier)
+    clip = _check_positive("max_grad_norm", max_grad_norm)
+    if num_records <= 0 or batch_size <= 0:
+        raise ConfigError(f"DP-SGD needs records and a positive batch size, got {num_records} and {batch_size}")
+    model_params = set(model.parameters())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p not in model_params:
+                raise ConfigError("Opacus cannot make this training private: the optimizer's parameters are not "
+                                  "the model's")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        try:
+            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        except ImportError as exc:
+            raise ConfigError("secure_mode needs torchcsprng installed (Opacus's secure RNG)") from exc
+    if secure_mode:
+        generator = sampler = engine.secure_rng
+    sample_rate = 1 / (-(-num_records // batch_size))
+    expected_batch: float = int(num_records * sample_rate)
+    batches = PoissonBatches(num_records=num_records, sample_rate=sample_rate, generator=sampler, rank=rank,
+                             world_size=world_size)
+    kind = _FlatAllReduceOptimizer if world_size > 1 else DPOptimizerFastGradientClipping
+    if world_size > 1:
+        expected_batch /= world_size
+    dp_optimizer = kind(optimizer, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=expected_batch,
+                        loss_reduction="mean", generator=None if secure_mode else generator,
+                        secure_mode=secure_mode)
+    pending = engine.accountant
+    if not isinstance(pending, RDPAccountant):  # pragma: no cover - Opacus contract
+        raise FedqfError(f"Opacus built a {type(pending).__name__}, expected an RDPAccountant")
+    dp_optimizer.attach_step_hook(pending.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return BookkeepingTraining(optimizer=dp_optimizer, batches=batches, sample_rate=sample_rate,
+                               noise_multiplier=sigma, _pending=pending)

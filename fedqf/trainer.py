@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedqf.bookkeeping import BookkeepingClipper
 from fedqf.config import Device, GradSampleMode, TrainingSection
 from fedqf.data import Dataset
 from fedqf.errors import ConfigError
 from fedqf.model import get_arrays
-from fedqf.privacy import PrivacyLedger, make_private
+from fedqf.privacy import PrivacyLedger, make_private, make_private_bookkeeping
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,20 @@ def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], *, lr: f
                 param.sub_(lr * mu * (param - anchor))
 
 
+def _shuffled_epochs(num_records: int, *, seed: int, epochs: int) -> Iterator[torch.Tensor]:
+    """Per epoch, the permutation of record indices that `DataLoader(range(n), shuffle=True,
+    generator=torch.Generator().manual_seed(seed))` walks through, epoch after epoch, drawn from the generator in
+    the same order as torch 2.x's DataLoader does: the iterator's base seed, then RandomSampler's permutation, then
+    the one more permutation RandomSampler draws for its (empty) remainder. tests/test_workers.py checks the
+    batches against a real DataLoader."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        permutation = torch.randperm(num_records, generator=generator)
+        torch.randperm(num_records, generator=generator)
+        yield permutation
+
+
 def _train_plain(model: nn.Module, dataset: TensorDataset, optimizer: torch.optim.Optimizer, *,
                  training: TrainingSection, seed: int, ctx: WorkerContext, global_params: list[torch.Tensor],
                  proximal_mu: float) -> tuple[int, float, int]:
@@ -184,15 +200,20 @@ def _train_plain(model: nn.Module, dataset: TensorDataset, optimizer: torch.opti
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        train_module = DistributedDataParallel(model, device_ids=device_ids)
-    # The batches of record indices a shuffling DataLoader seeded with `seed` draws, the same on every worker.
-    indices: list[int] = list(range(len(labels)))
-    batches: DataLoader[int] = DataLoader(indices, batch_size=training.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                          generator=torch.Generator().manual_seed(seed))
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(training.local_epochs):
-        for records in batches:
-            mine = records[ctx.rank :: ctx.world_size].to(features.device)
+        # Every parameter is used in every step: a static graph, and gradients that live in DDP's buckets (no
+        # copy between them).
+        train_module = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                               static_graph=True)
+    steps, seen = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    batch = training.batch_size
+    # No host round trip per step: one permutation per epoch goes where the records are, and the loss is summed
+    # on the device.
+    for permutation in _shuffled_epochs(len(labels), seed=seed, epochs=training.local_epochs):
+        permutation = permutation.to(features.device)
+        for start in range(0, len(permutation), batch):
+            records = permutation[start : start + batch]
+            mine = records[ctx.rank :: ctx.world_size]
             x = features[mine].to(ctx.device, non_blocking=True)
             y = labels[mine].to(ctx.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -203,15 +224,18 @@ def _train_plain(model: nn.Module, dataset: TensorDataset, optimizer: torch.opti
             optimizer.step()
             _proximal_step(model, global_params, lr=training.learning_rate, mu=proximal_mu)
             steps += 1
-            loss_sum += float(total.detach())
+            loss_sum += total.detach()
             seen += len(mine)
-    return steps, loss_sum, seen
+    return steps, float(loss_sum), seen
 
 
 def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.optim.Optimizer, *,
                    training: TrainingSection, dp: DpSgdSettings, seed: int, ctx: WorkerContext,
                    ledger: PrivacyLedger | None, global_params: list[torch.Tensor],
                    proximal_mu: float) -> tuple[int, float, int, float]:
+    if training.grad_sample_mode is GradSampleMode.BOOKKEEPING:
+        return _train_bookkeeping(model, dataset, optimizer, training=training, dp=dp, seed=seed, ctx=ctx,
+                                  ledger=ledger, global_params=global_params, proximal_mu=proximal_mu)
     module: nn.Module = model
     if ctx.distributed:
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
@@ -256,6 +280,55 @@ def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.op
     if ledger is not None:
         steps = private.commit(ledger=ledger)
     return steps, loss_sum, seen, private.sample_rate
+
+
+def _train_bookkeeping(model: nn.Module, dataset: TensorDataset, optimizer: torch.optim.Optimizer, *,
+                       training: TrainingSection, dp: DpSgdSettings, seed: int, ctx: WorkerContext,
+                       ledger: PrivacyLedger | None, global_params: list[torch.Tensor],
+                       proximal_mu: float) -> tuple[int, float, int, float]:
+    """DP-SGD with book-keeping clipping (fedqf.bookkeeping): Opacus's Poisson sampling, noise and accounting,
+    the clipped sum in one backward pass. With several workers no DDP wrapper: the clipped sums are all-reduced
+    in one flat buffer by the optimizer after the noise (rank 0's) is added, as Opacus's distributed mode does."""
+    clipper = BookkeepingClipper(model, max_grad_norm=dp.max_grad_norm)
+    try:
+        if ctx.distributed:
+            with torch.no_grad():
+                for param in model.parameters():
+                    torch.distributed.broadcast(param.data, src=0)
+        features, labels = (_on_device(t, ctx.device) for t in dataset.tensors)
+        sampler = torch.Generator().manual_seed(_sampling_seed(seed, ctx.rank))
+        noise = torch.Generator(device=ctx.device).manual_seed(seed)
+        private = make_private_bookkeeping(
+            model=model, optimizer=optimizer, num_records=len(labels), batch_size=training.batch_size,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            generator=None if dp.secure_mode else noise, sampler=sampler, secure_mode=dp.secure_mode,
+            rank=ctx.rank, world_size=ctx.world_size)
+        steps, seen = 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for _ in range(training.local_epochs):
+            for indices in private.batches:
+                count = len(indices)
+                private.optimizer.zero_grad(set_to_none=True)
+                with clipper.step():
+                    if count:
+                        where = indices.pin_memory().to(features.device, non_blocking=True) \
+                            if features.device.type == "cuda" else indices
+                        x = features[where].to(ctx.device, non_blocking=True)
+                        y = labels[where].to(ctx.device, non_blocking=True)
+                        total = nn.functional.cross_entropy(model(x), y, reduction="sum")
+                        loss_sum += total.detach()
+                    else:
+                        total = torch.zeros((), device=ctx.device)
+                    clipper.backward(total, batch_size=count)
+                private.optimizer.step()
+                _proximal_step(model, global_params, lr=training.learning_rate, mu=proximal_mu)
+                steps += 1
+                seen += count
+    finally:
+        clipper.close()
+    if ledger is not None:
+        steps = private.commit(ledger=ledger)
+    return steps, float(loss_sum), seen, private.sample_rate
 
 
 @torch.no_grad()

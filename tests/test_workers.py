@@ -186,10 +186,12 @@ def test_with_dp_two_workers_spend_the_same_epsilon_as_one(data_file: Path, tmp_
     assert sum(saved["ledger"]["steps"]) == replies[1][METRICS]["steps"] * 2  # persisted by rank 0, each step once
 
 
-def test_ghost_clipping_under_two_workers_trains_within_the_same_budget(data_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_fast_clipping_under_two_workers_trains_within_the_same_budget(data_file: Path, tmp_path: Path,
+                                                                       mode: str) -> None:
     config = config_from_dict({**config_to_raw(_config(target_epsilon=2.0)), "training": {
-        **config_to_raw(_config())["training"], "grad_sample_mode": "ghost"}})
-    group = Group(config, data_file, tmp_path / "ghost", LaunchSpec(workers=2, max_restarts=0))
+        **config_to_raw(_config())["training"], "grad_sample_mode": mode}})
+    group = Group(config, data_file, tmp_path / mode, LaunchSpec(workers=2, max_restarts=0))
     try:
         group.wait()
         reply = _train(group, config, _initial(config, data_file), 1)
@@ -228,7 +230,7 @@ def test_two_nodes_of_one_worker_rendezvous_and_train_as_one(data_file: Path, tm
     assert not (tmp_path / "node1" / "state.json").exists()  # the ledger and model live with rank 0 only
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 def test_a_model_trains_again_after_dp_sgd_without_opacus_hooks_left(mode: str) -> None:
     import torch
 
