@@ -91,11 +91,16 @@ class _Record:
         self.per_record = {}
 
 
-def _conv_unfold(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
-    """The conv's input patches, batch x (C_in k_h k_w) x positions."""
+def _conv_patches(module: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
+    """The conv's input patches, batch x positions x (C_in k_h k_w) in F.unfold's order, built from strided views
+    of the padded input with one copy (F.unfold on CUDA launches one kernel per record)."""
     assert not isinstance(module.padding, str)  # refused by check_supported
-    return F.unfold(activation, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                    stride=module.stride)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
+    padded = F.pad(activation, (pw, pw, ph, ph)) if ph or pw else activation
+    # batch x C x H' x W' x span_h x span_w, then every dilation-th tap of the span.
+    windows = padded.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    batch, channels, out_h, out_w = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, out_h * out_w, channels * kh * kw)
 
 
 def _weight_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -105,10 +110,11 @@ def _weight_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if positions == 1:
         return a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
     if positions * (d + p) < d * p:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return torch.linalg.vecdot(torch.bmm(a, a.transpose(1, 2)).flatten(1),
+                                   torch.bmm(g, g.transpose(1, 2)).flatten(1))
     step = max(1, _MATERIALISE_FLOATS // (d * p))
-    return torch.cat([torch.bmm(g[i : i + step].transpose(1, 2), a[i : i + step]).pow(2).sum((1, 2))
-                      for i in range(0, batch, step)])
+    return torch.cat([torch.linalg.vector_norm(torch.bmm(g[i : i + step].transpose(1, 2), a[i : i + step]),
+                                               dim=(1, 2)).square() for i in range(0, batch, step)])
 
 
 def _norm_layer_pieces(module: nn.GroupNorm | nn.LayerNorm, a: torch.Tensor,
@@ -246,7 +252,7 @@ class BookkeepingClipper:
         out = torch.zeros(batch_size, device=a.device, dtype=a.dtype)
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if isinstance(module, nn.Conv2d):
-                a3 = _conv_unfold(module, a).transpose(1, 2)  # batch x T x d
+                a3 = _conv_patches(module, a)  # batch x T x d
                 g3 = g.flatten(2).transpose(1, 2)  # batch x T x p
             else:
                 a3 = a.reshape(batch_size, -1, a.shape[-1])
