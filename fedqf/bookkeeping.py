@@ -110,8 +110,9 @@ def _weight_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if positions == 1:
         return a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
     if positions * (d + p) < d * p:
-        return torch.linalg.vecdot(torch.bmm(a, a.transpose(1, 2)).flatten(1),
-                                   torch.bmm(g, g.transpose(1, 2)).flatten(1))
+        ghost: torch.Tensor = torch.linalg.vecdot(torch.bmm(a, a.transpose(1, 2)).flatten(1),
+                                                  torch.bmm(g, g.transpose(1, 2)).flatten(1))
+        return ghost
     step = max(1, _MATERIALISE_FLOATS // (d * p))
     return torch.cat([torch.linalg.vector_norm(torch.bmm(g[i : i + step].transpose(1, 2), a[i : i + step]),
                                                dim=(1, 2)).square() for i in range(0, batch, step)])

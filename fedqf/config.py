@@ -72,7 +72,9 @@ class FederationSection:
     seed: int = 0
     min_institutions: int = 0  # 0 means "all institutions"
     round_timeout: float = 600.0
-    join_timeout: float = 120.0  # how long round 1 waits for every institution before starting with the minimum
+    # How long round 1 waits for every institution before starting with the minimum; and how long any round start
+    # waits for the minimum to be connected before the federation stops (resumable with --resume).
+    join_timeout: float = 120.0
     # Times a round is extended by round_timeout, asking the institutions that have not answered again, when fewer
     # than min_institutions answered by its deadline; then the run ends, saying why.
     round_retries: int = 1

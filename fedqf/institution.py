@@ -90,8 +90,13 @@ class InstitutionState:
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
     # The last update sent, as (server round, model round, reply): a coordinator that asks again for the same
     # round (it restarted, or the reply was lost) gets the same update back, and no privacy budget is spent twice.
-    # Kept in memory only: after an institution restart the round is trained again, and its spend recorded again.
+    # A daemon persists it (last-reply.bin, 0600) before the reply leaves, so this also holds across its restarts.
     last_update: tuple[int, int, RecordDict] | None = None
+    # The (server round, model round) whose planned spend is recorded in the ledger. A daemon that dies after
+    # recording it but before its reply is persisted released nothing for that round: asked again after its
+    # restart, it trains the round without recording the spend a second time.
+    spent_round: tuple[int, int] | None = None
+    _reply_saved: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     # --- simulation: Flower's Context.state -------------------------------------------------------------
     def to_records(self) -> dict[str, Any]:
@@ -123,7 +128,17 @@ class InstitutionState:
             buffer = io.BytesIO()
             np.savez(buffer, *self.global_arrays)
             atomic_write_bytes(directory / "global-model.npz", buffer.getvalue())
-        payload = {"round": self.model_round, "ledger": self.ledger.to_state()}
+        payload: dict[str, Any] = {"round": self.model_round, "ledger": self.ledger.to_state()}
+        if self.spent_round is not None:
+            payload["spent-round"] = list(self.spent_round)
+        if self.last_update is not None:
+            if self._reply_saved != self.last_update[:2] or not (directory / "last-reply.bin").exists():
+                from flwr.common.serde import recorddict_to_proto
+
+                reply = bytes(recorddict_to_proto(self.last_update[2]).SerializeToString())
+                atomic_write_bytes(directory / "last-reply.bin", reply, mode=0o600)
+                self._reply_saved = self.last_update[:2]
+            payload["last-reply"] = list(self.last_update[:2])
         atomic_write_bytes(directory / "state.json", (json.dumps(payload) + "\n").encode())
 
     @classmethod
@@ -140,6 +155,16 @@ class InstitutionState:
             if (directory / "global-model.npz").exists():
                 with np.load(directory / "global-model.npz") as archive:
                     arrays = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
+            spent = payload.get("spent-round")
+            spent_round = (int(spent[0]), int(spent[1])) if spent is not None else None
+            last_update = None
+            if payload.get("last-reply") is not None:
+                from flwr.common.serde import recorddict_from_proto
+                from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+                rounds = payload["last-reply"]
+                reply = recorddict_from_proto(ProtoRecordDict.FromString((directory / "last-reply.bin").read_bytes()))
+                last_update = (int(rounds[0]), int(rounds[1]), reply)
         except FedqfError:
             raise
         except Exception as exc:
@@ -147,7 +172,7 @@ class InstitutionState:
                 f"{path}: the institution's saved state is unreadable ({exc}); refusing to start rather than "
                 "forget the privacy budget already spent"
             ) from exc
-        return cls(model_round, arrays, ledger)
+        return cls(model_round, arrays, ledger, last_update, spent_round)
 
 
 @functools.lru_cache(maxsize=8)
@@ -322,9 +347,14 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         dp = DpSgdSettings(noise_multiplier=noise, max_grad_norm=config.privacy.max_grad_norm,
                            secure_mode=config.privacy.secure_rng)
         planned_steps = plan.steps_per_round
-        state.ledger.record(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=planned_steps)
-        if persist is not None:
-            persist(state)
+        if state.spent_round == (server_round, model_round):
+            log(INFO, "%s trains round %d again after a restart; its spend is already recorded and nothing was "
+                "released", inst.name, server_round)
+        else:
+            state.ledger.record(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=planned_steps)
+            state.spent_round = (server_round, model_round)
+            if persist is not None:
+                persist(state)
     model = inst.model()
     set_arrays(model, global_arrays)
     scratch = PrivacyLedger()
@@ -373,12 +403,12 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     else:
         out = ArrayRecord({n: Array(a) for n, a in zip(layout.names, result.arrays)})
         metrics["bytes-sent"] = float(sum(a.nbytes for a in result.arrays))
-    if persist is not None:
-        persist(state)
     log(INFO, "%s trained round %d: %d steps%s", inst.name, server_round, result.steps,
         f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "")
     reply = _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
     state.last_update = (server_round, model_round, reply)
+    if persist is not None:  # before the reply leaves: asked again after a restart, the daemon resends it
+        persist(state)
     return reply
 
 

@@ -524,9 +524,26 @@ class BookkeepingTraining:
         return _commit(self._pending, ledger)
 
 
-class _FlatAllReduceOptimizer(DistributedDPOptimizerFastGradientClipping):  # type: ignore[misc]
-    """Opacus's distributed fast-clipping optimizer, all-reducing every gradient in one flat buffer (one
-    collective per step instead of one per parameter); the sums are the same."""
+class _BookkeepingOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """Opacus's fast-clipping optimizer for one clipped sum per step: it takes ``p.grad`` as the sum instead of a
+    deep copy (Opacus copies to allow several backward passes per step, which book-keeping never does), and
+    divides by the expected batch in one foreach kernel. Noise is Opacus's, drawn per parameter as it draws it."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+
+
+class _FlatAllReduceOptimizer(_BookkeepingOptimizer, DistributedDPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """The distributed variant: rank 0 alone adds noise (Opacus's), and every gradient is all-reduced in one flat
+    buffer (one collective per step instead of one per parameter); the sums are the same."""
 
     def reduce_gradients(self) -> None:
         params = [p for p in self.params if p.requires_grad]
@@ -590,7 +607,7 @@ def make_private_bookkeeping(
     expected_batch: float = int(num_records * sample_rate)
     batches = PoissonBatches(num_records=num_records, sample_rate=sample_rate, generator=sampler, rank=rank,
                              world_size=world_size)
-    kind = _FlatAllReduceOptimizer if world_size > 1 else DPOptimizerFastGradientClipping
+    kind = _FlatAllReduceOptimizer if world_size > 1 else _BookkeepingOptimizer
     if world_size > 1:
         expected_batch /= world_size
     dp_optimizer = kind(optimizer, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=expected_batch,

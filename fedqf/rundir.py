@@ -37,12 +37,12 @@ INSTITUTION_COLUMNS = (
 )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write, fsync, then rename over `path`: a reader sees the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # run outputs are not secret; mkstemp's 0600 would hide them from colleagues
+        os.fchmod(fd, mode)  # run outputs are not secret (0644 by default); mkstemp's 0600 would hide them
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -271,16 +272,20 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
     stopped_reason = ""
+    bounded: Any = (grid.bounded_wait_for_minimum(config.federation.required_institutions,
+                                                  config.federation.join_timeout)
+                    if isinstance(grid, StreamingGrid) else contextlib.nullcontext())
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=recorder.latest_arrays if offset and recorder.latest_arrays is not None else initial,
-            num_rounds=config.federation.rounds - offset,
-            timeout=config.federation.round_timeout,
-            train_config=ConfigRecord({FEDERATION_TOML: config_text}),
-            evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
-            evaluate_fn=evaluate_fn,
-        )
+        with bounded:
+            strategy.start(
+                grid=grid,
+                initial_arrays=recorder.latest_arrays if offset and recorder.latest_arrays is not None else initial,
+                num_rounds=config.federation.rounds - offset,
+                timeout=config.federation.round_timeout,
+                train_config=ConfigRecord({FEDERATION_TOML: config_text}),
+                evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
+                evaluate_fn=evaluate_fn,
+            )
     except FederationError as exc:
         stopped_reason = str(exc)
         log(WARNING, "fedqf: the federation ends early: %s", exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -26,7 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqf.errors import FedqfError
+from fedqf.errors import FederationError, FedqfError
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,18 @@ class StreamingGrid(Grid):
         self._policy = policy if policy is not None else RoundPolicy()
         self._poll_interval = poll_interval
         self._node_check_interval = node_check_interval
+        self._minimum: tuple[int, float] | None = None  # (institutions a round needs, seconds it may wait for them)
+        self._short_since: float | None = None
+
+    @contextmanager
+    def bounded_wait_for_minimum(self, needed: int, limit: float) -> Iterator[None]:
+        """While inside, a round start that finds fewer than `needed` institutions connected for more than `limit`
+        seconds ends the federation with a FederationError, instead of Flower's node sampling waiting forever."""
+        self._minimum, self._short_since = (needed, limit), None
+        try:
+            yield
+        finally:
+            self._minimum, self._short_since = None, None
 
     @property
     def policy(self) -> RoundPolicy:
@@ -73,7 +86,21 @@ class StreamingGrid(Grid):
         return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
+        nodes = list(self._inner.get_node_ids())
+        if self._minimum is None:
+            return nodes
+        needed, limit = self._minimum
+        if len(nodes) >= needed:
+            self._short_since = None
+        elif self._short_since is None:
+            self._short_since = time.monotonic()
+        elif time.monotonic() - self._short_since > limit:
+            raise FederationError(
+                f"only {len(nodes)} institution(s) connected for {limit:.0f} s, fewer than the {needed} a round needs "
+                "(federation.min_institutions; the wait is federation.join_timeout); the coordinator stops after "
+                "its last completed round, and `fedqf coordinator --resume` continues from there"
+            )
+        return nodes
 
     def get_nodes(self) -> Any:
         return self._inner.get_nodes()

@@ -113,3 +113,48 @@ def test_a_repeated_train_instruction_gets_the_same_update_without_new_spend(set
                                                                             "fedqf.federation": dump_config(dp_config)})})
     train_round(dp_inst, state, content_round_2)
     assert state.ledger.epsilon(delta=1e-5) > spent
+
+
+def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_twice(setup, tmp_path,  # type: ignore[no-untyped-def]
+                                                                                    monkeypatch) -> None:
+    from flwr.app import ConfigRecord
+    from flwr.common.serde import recorddict_to_proto
+
+    from fedqf import institution
+    from fedqf.config import dump_config
+    from fedqf.institution import train_round
+
+    inst, _, initial, _ = setup
+    dp_config = config_from_dict({"federation": {"institutions": 2, "seed": 3}})
+    dp_inst = Institution(dp_config, inst.data, "a", 0, inst.secret_context)
+    content = RecordDict({ARRAYS: initial, "config": ConfigRecord({"server-round": 1,
+                                                                    "fedqf.federation": dump_config(dp_config)})})
+
+    def persist(state: InstitutionState) -> None:
+        state.save(tmp_path)
+
+    # Killed while training: the planned spend is recorded and persisted, nothing is released.
+    real_train = institution.train_local
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed mid-training")
+
+    monkeypatch.setattr(institution, "train_local", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_round(dp_inst, InstitutionState.load(tmp_path), content, persist=persist)
+    after_kill = InstitutionState.load(tmp_path)
+    one_round = after_kill.ledger.total_steps
+    assert one_round > 0 and after_kill.spent_round == (1, 0) and after_kill.last_update is None
+
+    # Restarted and asked again: it trains the round, and the ledger still holds one round's spend.
+    monkeypatch.setattr(institution, "train_local", real_train)
+    first = train_round(dp_inst, after_kill, content, persist=persist)
+    assert after_kill.ledger.total_steps == one_round
+    assert oct((tmp_path / "last-reply.bin").stat().st_mode & 0o777) == "0o600"
+
+    # Killed after the reply was persisted: restarted, it resends the same bytes and spends nothing.
+    monkeypatch.setattr(institution, "train_local", killed)
+    restarted = InstitutionState.load(tmp_path)
+    again = train_round(dp_inst, restarted, content, persist=persist)
+    assert recorddict_to_proto(again).SerializeToString() == recorddict_to_proto(first).SerializeToString()
+    assert InstitutionState.load(tmp_path).ledger.total_steps == one_round

@@ -184,3 +184,25 @@ def test_replies_waiting_when_the_deadline_is_noticed_late_are_counted_before_a_
     replies = _exchange(fake, RoundPolicy(min_replies=3, retries=1), timeout=0.05)
     assert fake.pushed == Counter({1: 1, 2: 1, 3: 1})
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3] and not any(r.has_error() for r in replies)
+
+
+def test_a_round_start_without_the_minimum_ends_the_federation_after_the_wait() -> None:
+    import time
+
+    import pytest
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from fedqf.errors import FederationError
+
+    fake = FakeGrid(nodes={1: Node(script=[]), 2: Node(script=[], online=False), 3: Node(script=[], online=False)})
+    grid = StreamingGrid(fake)  # type: ignore[arg-type]
+    assert sorted(grid.get_node_ids()) == [1]  # outside a bounded wait, a short count is just a count
+    start = time.monotonic()
+    with grid.bounded_wait_for_minimum(3, 1.5), pytest.raises(
+            FederationError, match=r"only 1 institution\(s\) connected for 2 s, fewer than the 3 a round needs"):
+        sample_nodes(grid, min_available_nodes=3, sample_size=3)  # Flower's own wait loop, which never gives up
+    assert 1.5 <= time.monotonic() - start < 10
+    fake.nodes[2].online = fake.nodes[3].online = True
+    with grid.bounded_wait_for_minimum(3, 1.5):
+        sampled, _ = sample_nodes(grid, min_available_nodes=3, sample_size=3)
+    assert sorted(sampled) == [1, 2, 3]
