@@ -47,6 +47,7 @@ class Checkpoint:
     institutions: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     evaluations: dict[int, dict[str, float] | None] = field(default_factory=dict)
+    wall_seconds: float = 0.0  # the coordinator's running time up to this checkpoint, over all its starts
 
     def save(self, run_dir: Path) -> None:
         directory = run_dir / DIRECTORY
@@ -67,6 +68,7 @@ class Checkpoint:
             "institutions": self.institutions,
             "rows": self.rows,
             "evaluations": {str(k): v for k, v in self.evaluations.items()},
+            "wall_seconds": self.wall_seconds,
         }
         atomic_write_bytes(directory / "state.json", (json.dumps(state) + "\n").encode())
         for stale in directory.glob("records-*.bin"):
@@ -96,6 +98,7 @@ class Checkpoint:
                 institutions=list(state["institutions"]),
                 rows=list(state["rows"]),
                 evaluations={int(k): v for k, v in state["evaluations"].items()},
+                wall_seconds=float(state.get("wall_seconds", 0.0)),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: the checkpoint is unreadable ({exc})") from exc

@@ -78,7 +78,8 @@ class ProgressRecorder(RunRecorder):
         if is_encrypted(arrays):
             self.aggregates[server_round] = arrays
 
-    def checkpoint(self, completed_round: int, digest: str, rows: list[dict[str, Any]]) -> None:
+    def checkpoint(self, completed_round: int, digest: str, rows: list[dict[str, Any]], *,
+                   wall_seconds: float = 0.0) -> None:
         """Save what a resumed coordinator needs to continue after `completed_round`."""
         Checkpoint(
             completed_round=completed_round,
@@ -90,6 +91,7 @@ class ProgressRecorder(RunRecorder):
             institutions=list(self.institutions),
             rows=list(rows),
             evaluations={k: _plain_metrics(v) for k, v in self.evaluations.items()},
+            wall_seconds=wall_seconds,
         ).save(self.out_dir)
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -227,6 +229,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         offset = checkpoint.completed_round
         recorder.restore(checkpoint)
         pending_rows.extend(checkpoint.rows)
+        started -= checkpoint.wall_seconds  # wall_seconds counts every start's running time, not the downtime
         log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
     encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
     setup = AggregationSetup(
@@ -268,7 +271,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             test = evaluate(model, inputs.test_data)
             row.update(test_accuracy=test.accuracy, test_loss=test.loss)
         pending_rows.append(row)
-        recorder.checkpoint(server_round, digest, pending_rows)
+        recorder.checkpoint(server_round, digest, pending_rows, wall_seconds=time.perf_counter() - started)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
     stopped_reason = ""

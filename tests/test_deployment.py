@@ -357,11 +357,14 @@ def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material
             time.sleep(0.5)
         _kill_tree(coordinator)
         assert not (out / "summary.json").exists()
+        before_kill = float(json.loads(checkpoint.read_text())["wall_seconds"])
+        restarted_at = time.monotonic()
         resumed = start([*coordinator_args, "--resume", str(out)], material, material / "resume-coordinator2.log")
         try:
             assert resumed.wait(timeout=400) == 0, (material / "resume-coordinator2.log").read_text()[-3000:]
         finally:
             kill(resumed)
+        second_run = time.monotonic() - restarted_at
     finally:
         kill(coordinator)
         for process in institutions:
@@ -369,6 +372,9 @@ def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material
     assert "resuming after round" in (material / "resume-coordinator2.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 4
+    # wall_seconds: the first start's time up to its checkpoint plus the second start's, never the downtime.
+    assert before_kill > 0
+    assert before_kill < summary["wall_seconds"] <= before_kill + second_run
     history = read_csv(out / "history.csv")
     assert [int(r["round"]) for r in history] == [1, 2, 3, 4]
     assert all(r["accuracy"] for r in history)  # the rounds before the crash keep their validation scores
