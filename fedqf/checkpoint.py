@@ -3,6 +3,9 @@
 Written after every round into RUN_DIR/checkpoint/ (records first, then the JSON that names the round, each with
 write, fsync, rename), read by `fedqf coordinator --resume RUN_DIR`, removed once the run directory is complete.
 It holds no secret: the global model in plaintext runs, ciphertexts under CKKS.
+
+Every encrypted aggregate (which lagging institutions need to catch up) is written once, when its round ends, to
+its own file (aggregate-NNNNNN.bin): neither the coordinator's memory nor a checkpoint's size grows with the rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,34 @@ def config_digest(config_text: str) -> str:
     return hashlib.sha256(config_text.encode()).hexdigest()
 
 
+def _aggregate_path(run_dir: Path, server_round: int) -> Path:
+    return run_dir / DIRECTORY / f"aggregate-{server_round:06d}.bin"
+
+
+def save_aggregate(run_dir: Path, server_round: int, record: ArrayRecord) -> None:
+    """Write round `server_round`'s encrypted aggregate to its own file (write, fsync, rename)."""
+    payload = recorddict_to_proto(RecordDict({"aggregate": record})).SerializeToString()
+    atomic_write_bytes(_aggregate_path(run_dir, server_round), bytes(payload))
+
+
+def load_aggregate(run_dir: Path, server_round: int) -> ArrayRecord:
+    """Read back round `server_round`'s encrypted aggregate.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    path = _aggregate_path(run_dir, server_round)
+    try:
+        proto = ProtoRecordDict()
+        proto.ParseFromString(path.read_bytes())
+        record = recorddict_from_proto(proto).get("aggregate")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the aggregate of round {server_round} is unreadable ({exc})") from exc
+    if not isinstance(record, ArrayRecord):
+        raise CheckpointError(f"{path}: holds no aggregate of round {server_round}")
+    return record
+
+
 @dataclass
 class Checkpoint:
     """The federation after `completed_round` rounds."""
@@ -42,7 +73,7 @@ class Checkpoint:
     digest: str
     latest: ArrayRecord | None
     initial: ArrayRecord | None
-    aggregates: dict[int, ArrayRecord] = field(default_factory=dict)
+    aggregate_rounds: list[int] = field(default_factory=list)  # rounds whose aggregate-NNNNNN.bin is written
     node_rounds: dict[int, int] = field(default_factory=dict)
     institutions: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -56,8 +87,6 @@ class Checkpoint:
             records["latest"] = self.latest
         if self.initial is not None:
             records["initial"] = self.initial
-        for number, record in self.aggregates.items():
-            records[f"aggregate.{number}"] = record
         name = f"records-{self.completed_round:06d}.bin"
         atomic_write_bytes(directory / name, bytes(recorddict_to_proto(records).SerializeToString()))
         state = {
@@ -69,6 +98,7 @@ class Checkpoint:
             "rows": self.rows,
             "evaluations": {str(k): v for k, v in self.evaluations.items()},
             "wall_seconds": self.wall_seconds,
+            "aggregate_rounds": sorted(self.aggregate_rounds),
         }
         atomic_write_bytes(directory / "state.json", (json.dumps(state) + "\n").encode())
         for stale in directory.glob("records-*.bin"):
@@ -92,8 +122,7 @@ class Checkpoint:
                 digest=str(state["digest"]),
                 latest=_array_record(records, "latest"),
                 initial=_array_record(records, "initial"),
-                aggregates={int(k.split(".", 1)[1]): v for k, v in records.items()
-                            if k.startswith("aggregate.") and isinstance(v, ArrayRecord)},
+                aggregate_rounds=[int(r) for r in state.get("aggregate_rounds", [])],
                 node_rounds={int(k): int(v) for k, v in state["node_rounds"].items()},
                 institutions=list(state["institutions"]),
                 rows=list(state["rows"]),
@@ -102,6 +131,10 @@ class Checkpoint:
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: the checkpoint is unreadable ({exc})") from exc
+        missing = [r for r in checkpoint.aggregate_rounds if not _aggregate_path(run_dir, r).exists()]
+        if missing:
+            raise CheckpointError(f"{run_dir / DIRECTORY}: the aggregates of rounds {missing} are missing; expected "
+                                  "every aggregate-NNNNNN.bin the checkpoint lists")
         if checkpoint.digest != digest:
             raise CheckpointError(
                 f"{run_dir}: the checkpoint belongs to another federation (its config differs); expected the same "

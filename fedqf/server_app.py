@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup, update_size_limit
-from fedqf.checkpoint import Checkpoint, config_digest
+from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_aggregate
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
@@ -57,9 +57,10 @@ class ProgressRecorder(RunRecorder):
         self.latest_arrays: ArrayRecord | None = None
         self.latest_round = 0
         self.evaluations: dict[int, MetricRecord | None] = {}
-        # Catch-up: the initial model, every encrypted aggregate, and the round each institution confirmed.
+        # Catch-up: the initial model, every encrypted aggregate (on disk, in the checkpoint directory), and the
+        # round each institution confirmed.
         self.initial: ArrayRecord | None = None
-        self.aggregates: dict[int, ArrayRecord] = {}
+        self.aggregate_rounds: set[int] = set()
         self.node_rounds: dict[int, int] = {}
 
     def record_train(self, server_round: int, reports: Any) -> None:
@@ -76,7 +77,8 @@ class ProgressRecorder(RunRecorder):
         self.latest_arrays = arrays
         self.latest_round = server_round
         if is_encrypted(arrays):
-            self.aggregates[server_round] = arrays
+            save_aggregate(self.out_dir, server_round, arrays)
+            self.aggregate_rounds.add(server_round)
 
     def checkpoint(self, completed_round: int, digest: str, rows: list[dict[str, Any]], *,
                    wall_seconds: float = 0.0) -> None:
@@ -86,7 +88,7 @@ class ProgressRecorder(RunRecorder):
             digest=digest,
             latest=self.latest_arrays,
             initial=self.initial,
-            aggregates=dict(self.aggregates),
+            aggregate_rounds=sorted(self.aggregate_rounds),
             node_rounds=dict(self.node_rounds),
             institutions=list(self.institutions),
             rows=list(rows),
@@ -97,7 +99,7 @@ class ProgressRecorder(RunRecorder):
     def restore(self, checkpoint: Checkpoint) -> None:
         self.latest_arrays = checkpoint.latest
         self.latest_round = checkpoint.completed_round
-        self.aggregates = dict(checkpoint.aggregates)
+        self.aggregate_rounds = set(checkpoint.aggregate_rounds)
         self.node_rounds = dict(checkpoint.node_rounds)
         self.institutions = list(checkpoint.institutions)
         self.evaluations = {k: MetricRecord(dict(v)) if v is not None else None
@@ -107,7 +109,7 @@ class ProgressRecorder(RunRecorder):
 
     def catch_up(self, node_id: int, server_round: int) -> dict[str, ArrayRecord]:
         """Rounds a lagging institution needs before the aggregate of round server_round - 1 applies to it."""
-        if server_round < 2 or not self.aggregates:
+        if server_round < 2 or not self.aggregate_rounds:
             return {}
         holds = self.node_rounds.get(node_id, -1)
         if holds >= server_round - 2:
@@ -116,8 +118,8 @@ class ProgressRecorder(RunRecorder):
         if holds < 0 and self.initial is not None:
             extra["fedqf.catchup.initial"] = self.initial
         for missed in range(max(holds, 0) + 1, server_round - 1):
-            if missed in self.aggregates:
-                extra[f"fedqf.catchup.{missed:06d}"] = self.aggregates[missed]
+            if missed in self.aggregate_rounds:
+                extra[f"fedqf.catchup.{missed:06d}"] = load_aggregate(self.out_dir, missed)
         if extra:
             log(INFO, "fedqf: institution %d holds round %d; sending %d missed rounds", node_id, holds, len(extra))
         return extra

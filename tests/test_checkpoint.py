@@ -28,3 +28,34 @@ def test_checkpoint_round_trips_with_the_running_time(tmp_path: Path) -> None:
     assert Checkpoint.load(tmp_path, digest="abc").wall_seconds == 0.0
     with pytest.raises(CheckpointError):
         Checkpoint.load(tmp_path, digest="another federation")
+
+
+def test_aggregates_are_written_once_and_catch_up_reads_them_back(tmp_path: Path) -> None:
+    from fedqf.protocol import CKKS_PREFIX
+    from fedqf.server_app import ProgressRecorder
+
+    def aggregate(r: int) -> ArrayRecord:  # stands for a round's encrypted sum: 1 MiB of "ciphertext"
+        return ArrayRecord({f"{CKKS_PREFIX}{i}": Array(np.full(2**17, r, dtype=np.float64)) for i in range(1)})
+
+    recorder = ProgressRecorder(tmp_path)
+    recorder.initial = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
+    sizes = []
+    for r in range(1, 6):
+        recorder.record_aggregate(r, aggregate(r))
+        recorder.checkpoint(r, "abc", [{"round": r}])
+        sizes.append(sum(p.stat().st_size for p in (tmp_path / "checkpoint").glob("records-*.bin")))
+    assert max(sizes) - min(sizes) < 1024  # a checkpoint holds the latest model, not every round's aggregate
+    recorder.node_rounds[7] = 1  # institution 7 holds the model of round 1 and is asked for round 6
+    extra = recorder.catch_up(7, 6)
+    assert sorted(extra) == [f"fedqf.catchup.{r:06d}" for r in (2, 3, 4)]
+    for r in (2, 3, 4):
+        np.testing.assert_array_equal(extra[f"fedqf.catchup.{r:06d}"][f"{CKKS_PREFIX}0"].numpy(), r)
+
+    # A resumed coordinator finds them on disk; a missing one is a clear error, not a silent gap.
+    resumed = ProgressRecorder(tmp_path)
+    resumed.restore(Checkpoint.load(tmp_path, digest="abc"))
+    resumed.node_rounds[8] = 2
+    assert sorted(resumed.catch_up(8, 6)) == [f"fedqf.catchup.{r:06d}" for r in (3, 4)]
+    (tmp_path / "checkpoint" / "aggregate-000003.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"aggregates of rounds \[3\] are missing"):
+        Checkpoint.load(tmp_path, digest="abc")
