@@ -11,7 +11,8 @@ second backward pass and has ghost norms only for Linear and Embedding layers. B
    (T positions, d inputs, p outputs per position; a Linear on flat features has T = 1 and costs d + p);
 2. the clip factors c_i = min(1, C / (||g_i|| + 1e-6)), as Opacus computes them;
 3. per layer, the clipped sum as the layer's ordinary weight gradient with g scaled by c_i (cuDNN's
-   convolution backward for Conv2d, one matmul for Linear).
+   convolution backward for Conv2d, one matmul for Linear), in full fp32 like the norms: no TF32, so that no
+   record's share of the sum exceeds the clip norm by more than fp32 rounding.
 The backward pass computes no weight gradients (the parameters are detached while it runs), so the extra work is
 step 1 plus the record-wise products of step 3's inputs.
 
@@ -284,9 +285,16 @@ class BookkeepingClipper:
         scaled = g * factors.view(-1, *([1] * (g.dim() - 1)))
         if isinstance(module, nn.Conv2d):
             if record.weight:
-                module.weight.grad = torch.ops.aten.convolution_backward(
-                    scaled, a, module.weight, None, module.stride, module.padding, module.dilation, False, [0, 0],
-                    module.groups, [False, True, False])[1]
+                # In full fp32: cuDNN would otherwise round the inputs to TF32 (10-bit mantissas), and a record's
+                # share of the released sum could exceed the clip norm by about 1e-3 of it.
+                allow_tf32 = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = False
+                try:
+                    module.weight.grad = torch.ops.aten.convolution_backward(
+                        scaled, a, module.weight, None, module.stride, module.padding, module.dilation, False,
+                        [0, 0], module.groups, [False, True, False])[1]
+                finally:
+                    torch.backends.cudnn.allow_tf32 = allow_tf32
             if record.bias:
                 assert module.bias is not None
                 module.bias.grad = scaled.sum((0, 2, 3))
