@@ -168,6 +168,16 @@ class BookkeepingClipper:
                 record = _Record(module=module, name=name, weight=trains_weight, bias=trains_bias)
                 self._records.append(record)
                 self._handles.append(module.register_forward_hook(self._forward_hook(record)))
+        owners: dict[int, str] = {}
+        for record in self._records:
+            for param in record.module.parameters(recurse=False):
+                if id(param) in owners:
+                    raise ConfigError(
+                        f"grad_sample_mode 'bookkeeping' cannot clip layers '{owners[id(param)]}' and "
+                        f"'{record.name}': they share a parameter; expected every parameter in one layer "
+                        "(or grad_sample_mode 'hooks')"
+                    )
+                owners[id(param)] = record.name
         # The parameters are detached during the step, so the input itself must carry the graph.
         self._handles.append(model.register_forward_pre_hook(self._input_requires_grad))
 

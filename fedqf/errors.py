@@ -37,6 +37,11 @@ class FederationError(FedqfError):
     """The federation could not run to the end: too few institutions answered, or the runtime failed."""
 
 
+class InstitutionsMissingError(FederationError):
+    """Too few institutions stayed connected to start a round: the federation stops with its checkpoint kept, so
+    that `--resume` continues it once they are back."""
+
+
 class KeyMaterialError(FedqfError):
     """A key or certificate file is missing, unreadable, or of the wrong kind."""
 

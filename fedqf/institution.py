@@ -329,14 +329,16 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
             max_grad_norm=config.privacy.max_grad_norm,
         )
         noise = _calibrated_noise(plan)
+        already_spent = state.spent_round == (server_round, model_round)
         try:
-            state.ledger.ensure_within_budget(
-                noise_multiplier=noise,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps_per_round,
-                target_epsilon=config.privacy.target_epsilon,
-                delta=config.privacy.delta,
-            )
+            if not already_spent:  # a spend already in the ledger must not be checked (counted) a second time
+                state.ledger.ensure_within_budget(
+                    noise_multiplier=noise,
+                    sample_rate=plan.sample_rate,
+                    steps=plan.steps_per_round,
+                    target_epsilon=config.privacy.target_epsilon,
+                    delta=config.privacy.delta,
+                )
         except PrivacyBudgetExceededError as exc:
             if persist is not None:
                 persist(state)
@@ -347,9 +349,9 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         dp = DpSgdSettings(noise_multiplier=noise, max_grad_norm=config.privacy.max_grad_norm,
                            secure_mode=config.privacy.secure_rng)
         planned_steps = plan.steps_per_round
-        if state.spent_round == (server_round, model_round):
-            log(INFO, "%s trains round %d again after a restart; its spend is already recorded and nothing was "
-                "released", inst.name, server_round)
+        if already_spent:
+            log(INFO, "%s trains round %d again (a restart or a failed attempt); its spend is already recorded "
+                "and nothing was released", inst.name, server_round)
         else:
             state.ledger.record(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=planned_steps)
             state.spent_round = (server_round, model_round)
@@ -408,7 +410,12 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     reply = _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
     state.last_update = (server_round, model_round, reply)
     if persist is not None:  # before the reply leaves: asked again after a restart, the daemon resends it
-        persist(state)
+        try:
+            persist(state)
+        except BaseException:
+            # Not saved, so not sent: a later attempt must not resend an update a restart would have forgotten.
+            state.last_update = None
+            raise
     return reply
 
 

@@ -611,8 +611,7 @@ def make_private_bookkeeping(
     if world_size > 1:
         expected_batch /= world_size
     dp_optimizer = kind(optimizer, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=expected_batch,
-                        loss_reduction="mean", generator=None if secure_mode else generator,
-                        secure_mode=secure_mode)
+                        loss_reduction="mean", generator=generator, secure_mode=secure_mode)
     pending = engine.accountant
     if not isinstance(pending, RDPAccountant):  # pragma: no cover - Opacus contract
         raise FedqfError(f"Opacus built a {type(pending).__name__}, expected an RDPAccountant")

@@ -51,6 +51,12 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename itself must survive a power loss too (a recorded privacy spend, a checkpoint).
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:

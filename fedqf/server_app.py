@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_agg
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
-from fedqf.errors import FederationError, FedqfError
+from fedqf.errors import FederationError, FedqfError, InstitutionsMissingError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import ckks_parameters_of, scheme_for
 from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus, is_encrypted
@@ -291,6 +291,10 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
                 evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
                 evaluate_fn=evaluate_fn,
             )
+    except InstitutionsMissingError as exc:
+        # No final release or evaluation without the institutions, and the checkpoint stays for --resume.
+        log(ERROR, "fedqf: the federation stops after round %d: %s", recorder.latest_round, exc)
+        raise
     except FederationError as exc:
         stopped_reason = str(exc)
         log(WARNING, "fedqf: the federation ends early: %s", exc)

@@ -27,7 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqf.errors import FederationError, FedqfError
+from fedqf.errors import FedqfError, InstitutionsMissingError
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class StreamingGrid(Grid):
         elif self._short_since is None:
             self._short_since = time.monotonic()
         elif time.monotonic() - self._short_since > limit:
-            raise FederationError(
+            raise InstitutionsMissingError(
                 f"only {len(nodes)} institution(s) connected for {limit:.0f} s, fewer than the {needed} a round needs "
                 "(federation.min_institutions; the wait is federation.join_timeout); the coordinator stops after "
                 "its last completed round, and `fedqf coordinator --resume` continues from there"

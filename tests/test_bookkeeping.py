@@ -177,3 +177,15 @@ def test_training_with_bookkeeping_equals_opacus_hooks() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert ours_loss == pytest.approx(hooks_loss, rel=1e-6)
     assert ours_ledger.to_state() == hooks_ledger.to_state()
+
+
+def test_a_parameter_shared_by_two_layers_is_refused() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encode = nn.Linear(4, 4)
+            self.decode = nn.Linear(4, 4)
+            self.decode.weight = self.encode.weight  # one parameter, two layers: per-layer norms would not add up
+
+    with pytest.raises(ConfigError, match="'encode' and 'decode': they share a parameter"):
+        BookkeepingClipper(Tied(), max_grad_norm=1.0)

@@ -20,7 +20,7 @@ from fedqf.errors import FedqfError
 from fedqf.institution import Institution, InstitutionState, evaluate_round
 from fedqf.model import ParameterLayout
 from fedqf.packing import ckks_parameters_of
-from fedqf.protocol import AGGREGATE_ROUND, ARRAYS, WEIGHT_SUM, encrypted_to_record
+from fedqf.protocol import AGGREGATE_ROUND, ARRAYS, REPORT, WEIGHT_SUM, encrypted_to_record
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,8 @@ def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_tw
     from fedqf.institution import train_round
 
     inst, _, initial, _ = setup
-    dp_config = config_from_dict({"federation": {"institutions": 2, "seed": 3}})
+    # One planned round: its spend uses the whole budget, so a retrain that checked the budget again would be refused.
+    dp_config = config_from_dict({"federation": {"institutions": 2, "seed": 3, "rounds": 1}})
     dp_inst = Institution(dp_config, inst.data, "a", 0, inst.secret_context)
     content = RecordDict({ARRAYS: initial, "config": ConfigRecord({"server-round": 1,
                                                                     "fedqf.federation": dump_config(dp_config)})})
@@ -146,9 +147,18 @@ def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_tw
     one_round = after_kill.ledger.total_steps
     assert one_round > 0 and after_kill.spent_round == (1, 0) and after_kill.last_update is None
 
-    # Restarted and asked again: it trains the round, and the ledger still holds one round's spend.
+    # Restarted and asked again: it trains the round, and the ledger still holds one round's spend. Saving the reply
+    # fails the first time: that reply never leaves, and is not resent later either.
     monkeypatch.setattr(institution, "train_local", real_train)
+
+    def disk_full(state: InstitutionState) -> None:
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        train_round(dp_inst, after_kill, content, persist=disk_full)
+    assert after_kill.last_update is None
     first = train_round(dp_inst, after_kill, content, persist=persist)
+    assert first[REPORT]["status"] == "ok", first[REPORT]["reason"]
     assert after_kill.ledger.total_steps == one_round
     assert oct((tmp_path / "last-reply.bin").stat().st_mode & 0o777) == "0o600"
 
