@@ -58,16 +58,24 @@ class StreamingGrid(Grid):
         self._node_check_interval = node_check_interval
         self._minimum: tuple[int, float] | None = None  # (institutions a round needs, seconds it may wait for them)
         self._short_since: float | None = None
+        self._sampling: tuple[float, int, int] | None = None  # a strategy's (fraction, min_train, min_available)
+        self._sample_size: int | None = None  # what Flower's node sampling waits for in this round start
+
+    def begin_sampling(self, *, fraction: float, min_train: int, min_available: int) -> None:
+        """Called by fedqf's strategies as a round starts: Flower's FedAvg sizes its sample from the next node
+        count it reads (max(int(count * fraction), min_train), at least min_available) and then waits for that
+        many; the bounded wait holds that number, not only the minimum, to the same limit."""
+        self._sampling = (fraction, min_train, min_available)
 
     @contextmanager
     def bounded_wait_for_minimum(self, needed: int, limit: float) -> Iterator[None]:
         """While inside, a round start that finds fewer than `needed` institutions connected for more than `limit`
         seconds ends the federation with a FederationError, instead of Flower's node sampling waiting forever."""
-        self._minimum, self._short_since = (needed, limit), None
+        self._minimum, self._short_since, self._sampling, self._sample_size = (needed, limit), None, None, None
         try:
             yield
         finally:
-            self._minimum, self._short_since = None, None
+            self._minimum, self._short_since, self._sampling, self._sample_size = None, None, None, None
 
     @property
     def policy(self) -> RoundPolicy:
@@ -90,14 +98,22 @@ class StreamingGrid(Grid):
         if self._minimum is None:
             return nodes
         needed, limit = self._minimum
-        if len(nodes) >= needed:
+        if self._sampling is not None:  # the count FedAvg sizes its sample from; the wait for it comes next
+            fraction, min_train, min_available = self._sampling
+            self._sampling = None
+            self._sample_size = max(min_available, int(len(nodes) * fraction), min_train)
+            return nodes
+        needed = max(needed, self._sample_size or 0)
+        if len(nodes) >= needed:  # the sample can be drawn
             self._short_since = None
+            self._sample_size = None
         elif self._short_since is None:
             self._short_since = time.monotonic()
         elif time.monotonic() - self._short_since > limit:
             raise InstitutionsMissingError(
-                f"only {len(nodes)} institution(s) connected for {limit:.0f} s, fewer than the {needed} a round needs "
-                "(federation.min_institutions; the wait is federation.join_timeout); the coordinator stops after "
+                f"only {len(nodes)} institution(s) connected for {limit:.0f} s, fewer than the {needed} this round "
+                "start waits for (at least federation.min_institutions; the wait is federation.join_timeout); the "
+                "coordinator stops after "
                 "its last completed round, and `fedqf coordinator --resume` continues from there"
             )
         return nodes

@@ -53,6 +53,9 @@ class FedAvg(FlowerFedAvg):
     ) -> Iterable[Message]:
         absolute = server_round + self.setup.round_offset
         self.global_arrays = arrays  # the reference the round's plaintext updates are checked against
+        begin = getattr(grid, "begin_sampling", None)
+        if callable(begin):  # fedqf's StreamingGrid bounds Flower's wait for this round's sample
+            begin(fraction=self.fraction_train, min_train=self.min_train_nodes, min_available=self.min_available_nodes)
         return with_catch_up(self.setup, absolute, super().configure_train(absolute, arrays, config, grid))
 
     def aggregate_train(

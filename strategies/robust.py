@@ -61,6 +61,9 @@ class _CheckedRule(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays
+        begin = getattr(grid, "begin_sampling", None)
+        if callable(begin):  # fedqf's StreamingGrid bounds Flower's wait for this round's sample
+            begin(fraction=self.fraction_train, min_train=self.min_train_nodes, min_available=self.min_available_nodes)
         return super().configure_train(server_round + self.setup.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -199,10 +199,43 @@ def test_a_round_start_without_the_minimum_ends_the_federation_after_the_wait() 
     assert sorted(grid.get_node_ids()) == [1]  # outside a bounded wait, a short count is just a count
     start = time.monotonic()
     with grid.bounded_wait_for_minimum(3, 1.5), pytest.raises(
-            FederationError, match=r"only 1 institution\(s\) connected for 2 s, fewer than the 3 a round needs"):
+            FederationError, match=r"only 1 institution\(s\) connected for 2 s, fewer than the 3 this round start"):
         sample_nodes(grid, min_available_nodes=3, sample_size=3)  # Flower's own wait loop, which never gives up
     assert 1.5 <= time.monotonic() - start < 10
     fake.nodes[2].online = fake.nodes[3].online = True
     with grid.bounded_wait_for_minimum(3, 1.5):
         sampled, _ = sample_nodes(grid, min_available_nodes=3, sample_size=3)
     assert sorted(sampled) == [1, 2, 3]
+
+
+def test_an_institution_lost_between_sizing_and_sampling_does_not_hang_the_round_start() -> None:
+    """Flower's FedAvg counts the nodes (3), sizes its sample from that count, then waits for 3; one leaves in
+    between while the minimum (2) is still met: the bounded wait holds the sample size to the limit too."""
+    import threading
+
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from fedqf.errors import InstitutionsMissingError
+
+    fake = FakeGrid(nodes={i: Node(script=[]) for i in (1, 2, 3)})
+    grid = StreamingGrid(fake)  # type: ignore[arg-type]
+    outcome: list[BaseException | None] = []
+
+    def round_start() -> None:
+        with grid.bounded_wait_for_minimum(2, 1.5):
+            grid.begin_sampling(fraction=1.0, min_train=2, min_available=2)
+            size = max(int(len(list(grid.get_node_ids())) * 1.0), 2)  # what FedAvg.configure_train computes
+            fake.nodes[3].online = False  # gone before the sampling loop looks
+            try:
+                sample_nodes(grid, min_available_nodes=2, sample_size=size)
+                outcome.append(None)
+            except InstitutionsMissingError as exc:
+                outcome.append(exc)
+
+    worker = threading.Thread(target=round_start, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the round start waited past the bound"
+    assert isinstance(outcome[0], InstitutionsMissingError)
+    assert "only 2 institution(s) connected" in str(outcome[0])
+    assert "fewer than the 3 this round start waits for" in str(outcome[0])
