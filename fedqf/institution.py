@@ -90,7 +90,7 @@ class InstitutionState:
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
     # The last update sent, as (server round, model round, reply): a coordinator that asks again for the same
     # round (it restarted, or the reply was lost) gets the same update back, and no privacy budget is spent twice.
-    # A daemon persists it (last-reply.bin, 0600) before the reply leaves, so this also holds across its restarts.
+    # A daemon persists it (last-reply-R-M.bin, 0600) before the reply leaves, so this also holds across its restarts.
     last_update: tuple[int, int, RecordDict] | None = None
     # The (server round, model round) whose planned spend is recorded in the ledger. A daemon that dies after
     # recording it but before its reply is persisted released nothing for that round: asked again after its
@@ -131,15 +131,22 @@ class InstitutionState:
         payload: dict[str, Any] = {"round": self.model_round, "ledger": self.ledger.to_state()}
         if self.spent_round is not None:
             payload["spent-round"] = list(self.spent_round)
+        reply_name = ""
         if self.last_update is not None:
-            if self._reply_saved != self.last_update[:2] or not (directory / "last-reply.bin").exists():
+            # Named by its rounds, and named in state.json only once written: a crash between the two writes
+            # leaves the previous state.json pointing at the previous reply, never at another round's.
+            reply_name = "last-reply-{:06d}-{:06d}.bin".format(*self.last_update[:2])
+            if self._reply_saved != self.last_update[:2] or not (directory / reply_name).exists():
                 from flwr.common.serde import recorddict_to_proto
 
                 reply = bytes(recorddict_to_proto(self.last_update[2]).SerializeToString())
-                atomic_write_bytes(directory / "last-reply.bin", reply, mode=0o600)
+                atomic_write_bytes(directory / reply_name, reply, mode=0o600)
                 self._reply_saved = self.last_update[:2]
-            payload["last-reply"] = list(self.last_update[:2])
+            payload["last-reply"] = [*self.last_update[:2], reply_name]
         atomic_write_bytes(directory / "state.json", (json.dumps(payload) + "\n").encode())
+        for stale in directory.glob("last-reply-*.bin"):
+            if stale.name != reply_name:
+                stale.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path) -> InstitutionState:
@@ -163,7 +170,7 @@ class InstitutionState:
                 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
                 rounds = payload["last-reply"]
-                reply = recorddict_from_proto(ProtoRecordDict.FromString((directory / "last-reply.bin").read_bytes()))
+                reply = recorddict_from_proto(ProtoRecordDict.FromString((directory / str(rounds[2])).read_bytes()))
                 last_update = (int(rounds[0]), int(rounds[1]), reply)
         except FedqfError:
             raise

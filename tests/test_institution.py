@@ -160,7 +160,9 @@ def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_tw
     first = train_round(dp_inst, after_kill, content, persist=persist)
     assert first[REPORT]["status"] == "ok", first[REPORT]["reason"]
     assert after_kill.ledger.total_steps == one_round
-    assert oct((tmp_path / "last-reply.bin").stat().st_mode & 0o777) == "0o600"
+    saved = list(tmp_path.glob("last-reply-*.bin"))
+    assert [p.name for p in saved] == ["last-reply-000001-000000.bin"]  # the rounds it answers, one file kept
+    assert oct(saved[0].stat().st_mode & 0o777) == "0o600"
 
     # Killed after the reply was persisted: restarted, it resends the same bytes and spends nothing.
     monkeypatch.setattr(institution, "train_local", killed)
