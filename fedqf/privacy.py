@@ -381,6 +381,25 @@ def _commit(pending_accountant: RDPAccountant, ledger: PrivacyLedger) -> int:
     return sum(int(entry[2]) for entry in pending)
 
 
+def _privacy_engine(secure_mode: bool) -> tuple[PrivacyEngine, RDPAccountant]:
+    """Opacus's engine with an RDP accountant (the pending count of one round's steps), and that accountant.
+
+    Raises:
+        ConfigError: secure mode is asked without torchcsprng installed.
+    """
+    with warnings.catch_warnings():
+        # fedqf's config chooses secure_mode explicitly, so Opacus's reminder would only be noise in the logs.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        try:
+            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        except ImportError as exc:
+            raise ConfigError("secure_mode needs torchcsprng installed (Opacus's secure RNG)") from exc
+    pending = engine.accountant
+    if not isinstance(pending, RDPAccountant):  # pragma: no cover - Opacus contract
+        raise FedqfError(f"Opacus built a {type(pending).__name__}, expected an RDPAccountant")
+    return engine, pending
+
+
 def make_private(
     *,
     module: nn.Module,
@@ -428,13 +447,7 @@ def make_private(
     if mode is GradSampleMode.GHOST and criterion is None:
         raise ConfigError("grad_sample_mode 'ghost' needs a criterion (the loss to wrap)")
 
-    with warnings.catch_warnings():
-        # fedqf's config chooses secure_mode explicitly, so Opacus's reminder would only be noise in the logs.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        try:
-            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-        except ImportError as exc:
-            raise ConfigError("secure_mode needs torchcsprng installed (Opacus's secure RNG)") from exc
+    engine, pending = _privacy_engine(secure_mode)
 
     try:
         wrapped: tuple[Any, ...] = engine.make_private(
@@ -457,9 +470,6 @@ def make_private(
         dp_module, dp_optimizer, dp_criterion, dp_loader = wrapped
     else:
         dp_module, dp_optimizer, dp_loader = wrapped
-    pending = engine.accountant
-    if not isinstance(pending, RDPAccountant):  # pragma: no cover - Opacus contract
-        raise FedqfError(f"Opacus built a {type(pending).__name__}, expected an RDPAccountant")
     return PrivateTraining(
         module=cast(nn.Module, dp_module),
         optimizer=cast(DPOptimizer, dp_optimizer),
@@ -546,7 +556,7 @@ class _FlatAllReduceOptimizer(_BookkeepingOptimizer, DistributedDPOptimizerFastG
     buffer (one collective per step instead of one per parameter); the sums are the same."""
 
     def reduce_gradients(self) -> None:
-        params = [p for p in self.params if p.requires_grad]
+        params = self.params  # Opacus's list: the trainable parameters
         if not params:
             return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -595,12 +605,7 @@ def make_private_bookkeeping(
             if p not in model_params:
                 raise ConfigError("Opacus cannot make this training private: the optimizer's parameters are not "
                                   "the model's")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        try:
-            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-        except ImportError as exc:
-            raise ConfigError("secure_mode needs torchcsprng installed (Opacus's secure RNG)") from exc
+    engine, pending = _privacy_engine(secure_mode)
     if secure_mode:
         generator = sampler = engine.secure_rng
     sample_rate = 1 / (-(-num_records // batch_size))
@@ -612,9 +617,6 @@ def make_private_bookkeeping(
         expected_batch /= world_size
     dp_optimizer = kind(optimizer, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=expected_batch,
                         loss_reduction="mean", generator=generator, secure_mode=secure_mode)
-    pending = engine.accountant
-    if not isinstance(pending, RDPAccountant):  # pragma: no cover - Opacus contract
-        raise FedqfError(f"Opacus built a {type(pending).__name__}, expected an RDPAccountant")
     dp_optimizer.attach_step_hook(pending.get_optimizer_hook_fn(sample_rate=sample_rate))
     return BookkeepingTraining(optimizer=dp_optimizer, batches=batches, sample_rate=sample_rate,
                                noise_multiplier=sigma, _pending=pending)

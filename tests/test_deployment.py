@@ -319,6 +319,18 @@ def test_coordinator_bad_input_is_one_line(material: Path, swap: dict[str, str],
 # --- the coordinator is killed mid-federation and resumed ----------------------------------------------------
 
 
+def _wait_for_checkpoint(out: Path, completed: int, coordinator: subprocess.Popen[bytes], log: Path) -> Path:
+    """Wait (up to 300 s) until the coordinator has checkpointed round `completed`; it must stay up meanwhile."""
+    checkpoint = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+        checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= completed
+    ):
+        assert coordinator.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.5)
+    return checkpoint
+
+
 def _kill_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL a process and every descendant, as a crash would: no cleanup runs."""
     from fedqf.runtime import descendants
@@ -348,13 +360,7 @@ def test_killed_coordinator_resumes_without_losing_or_repeating_a_round(material
         for i in range(3)
     ]
     try:
-        checkpoint = out / "checkpoint" / "state.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 2:
-                break
-            assert coordinator.poll() is None, (material / "resume-coordinator1.log").read_text()[-2000:]
-            time.sleep(0.5)
+        checkpoint = _wait_for_checkpoint(out, 2, coordinator, material / "resume-coordinator1.log")
         _kill_tree(coordinator)
         assert not (out / "summary.json").exists()
         before_kill = float(json.loads(checkpoint.read_text())["wall_seconds"])
@@ -454,13 +460,7 @@ def test_with_every_institution_required_a_restarted_institution_still_contribut
 
     institutions = [institution(i, f"wait-institution{i}.log") for i in range(3)]
     try:
-        checkpoint = out / "checkpoint" / "state.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (
-            checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 1
-        ):
-            assert coordinator.poll() is None, (material / "wait-coordinator.log").read_text()[-2000:]
-            time.sleep(0.5)
+        _wait_for_checkpoint(out, 1, coordinator, material / "wait-coordinator.log")
         _kill_tree(institutions[2])  # during round 2
         institutions[2] = institution(2, "wait-institution2-restarted.log")
         assert coordinator.wait(timeout=500) == 0, (material / "wait-coordinator.log").read_text()[-3000:]
@@ -498,13 +498,7 @@ def test_coordinator_continues_by_itself_when_its_serverapp_dies(material: Path)
     try:
         from fedqf.runtime import descendants
 
-        checkpoint = out / "checkpoint" / "state.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (
-            checkpoint.exists() and json.loads(checkpoint.read_text())["completed_round"] >= 1
-        ):
-            assert coordinator.poll() is None, (material / "self-resume-coordinator.log").read_text()[-2000:]
-            time.sleep(0.5)
+        _wait_for_checkpoint(out, 1, coordinator, material / "self-resume-coordinator.log")
         serverapps = [pid for pid in descendants(coordinator.pid)
                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(serverapps) == 1
