@@ -18,8 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.message.message import remove_content_from_message
 from flwr.common.logger import log
 
+from fedqf.blocks import BlockRelay, Manifest, block_digest, manifest_record, read_block, read_manifest
 from fedqf.config import FederationConfig, SecureAggregationMode
-from fedqf.crypto import EncryptedSum
+from fedqf.crypto import CkksParameters, EncryptedSum
 from fedqf.errors import FederationError, FedqfError, UpdateRejectedError
 from fedqf.model import ParameterLayout
 from fedqf.protocol import (
@@ -64,6 +65,8 @@ class AggregationSetup:
     round_offset: int = 0  # rounds completed before this coordinator (re)started: Flower counts from 1 again
     max_update_norm: float = 0.0  # plaintext: reject updates farther than this from the round's global model
     max_update_bytes: int = 0  # reject a reply whose arrays and config values exceed this many bytes; 0: no limit
+    # CKKS updates larger than secure_aggregation.block_mib: manifests in the train replies, blocks fetched after
+    relay: BlockRelay | None = None
 
     @property
     def expected_length(self) -> int:
@@ -205,6 +208,7 @@ def aggregate_train_replies(
     reports: list[InstitutionReport] = []
     running: EncryptedSum | None = None
     weight_sum = 0.0
+    manifests: dict[int, tuple[Manifest, float]] = {}
     if setup.mode is SecureAggregationMode.CKKS:
         assert setup.public_context is not None
         running = EncryptedSum(setup.public_context, length=setup.expected_length, fingerprint=setup.fingerprint)
@@ -219,7 +223,11 @@ def aggregate_train_replies(
                     record = message.content.get(ARRAYS)
                     if not isinstance(record, ArrayRecord):
                         raise UpdateRejectedError("the update holds no ArrayRecord 'arrays'")
-                    running.add(record_to_encrypted(record))
+                    if setup.relay is not None:  # a manifest now; its blocks are fetched once every reply is in
+                        manifests[report.node_id] = (read_manifest(record, setup.relay.layout, setup.fingerprint),
+                                                     weight)
+                    else:
+                        running.add(record_to_encrypted(record))
                 else:
                     _check_plain_update(message, setup.layout)
                     if setup.max_update_norm > 0 and reference is not None and not is_encrypted(reference):
@@ -233,6 +241,17 @@ def aggregate_train_replies(
         if report.status is not ReplyStatus.OK:
             log(WARNING, "round %d: institution %s %s: %s", server_round, report.label, report.status.value, report.reason)
         reports.append(report)
+    digests: list[bytes] = []
+    if setup.relay is not None and manifests:
+        dropped, digests = _sum_blocks(server_round, manifests, setup, setup.relay)
+        if dropped:
+            weight_sum -= sum(manifests[node][1] for node in dropped)
+            accepted = [m for m in accepted if int(m.metadata.src_node_id) not in dropped]
+            reports = [r.with_status(*dropped[r.node_id]) if r.node_id in dropped and r.status is ReplyStatus.OK
+                       else r for r in reports]
+            for r in reports:
+                if r.node_id in dropped:
+                    log(WARNING, "round %d: institution %s %s: %s", server_round, r.label, r.status.value, r.reason)
     if setup.observer is not None:
         setup.observer.record_train(server_round, reports)
         validation = validation_from_reports(server_round - 1, reports)
@@ -245,15 +264,75 @@ def aggregate_train_replies(
     metrics = _weighted_train_metrics(ok_reports)
     arrays: ArrayRecord | None = None
     if running is not None:
-        arrays = encrypted_to_record(
-            running.result(),
-            extra={
-                AGGREGATE_ROUND: np.array([server_round], dtype=np.int64),
-                WEIGHT_SUM: np.array([weight_sum], dtype=np.float64),
-                "fedqf.count": np.array([len(accepted)], dtype=np.int64),
-            },
-        )
+        extra = {
+            AGGREGATE_ROUND: np.array([server_round], dtype=np.int64),
+            WEIGHT_SUM: np.array([weight_sum], dtype=np.float64),
+            "fedqf.count": np.array([len(accepted)], dtype=np.int64),
+        }
+        if setup.relay is not None:
+            arrays = manifest_record(setup.relay.layout, setup.fingerprint, digests, extra=extra)
+        else:
+            arrays = encrypted_to_record(running.result(), extra=extra)
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
+
+
+def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]], setup: AggregationSetup,
+                relay: BlockRelay) -> tuple[dict[int, tuple[ReplyStatus, str]], list[bytes]]:
+    """Sum the accepted institutions' updates block by block, each block fetched from every institution and added
+    as it arrives, the sum of each block written to the checkpoint directory. Returns the institutions left out:
+    an institution whose block does not arrive or does not match its manifest is dropped, and the blocks are
+    summed again without it, so that every block of the aggregate holds the same institutions. Also returns
+    the digests of the summed blocks."""
+    assert setup.public_context is not None
+    dropped: dict[int, tuple[ReplyStatus, str]] = {}
+    limit = block_size_limit(setup, relay)
+    while True:
+        members = [node for node in sorted(manifests) if node not in dropped]
+        if not members:
+            return dropped, []
+        restart = False
+        digests: list[bytes] = []
+        for index in range(relay.layout.blocks):
+            start, stop = relay.layout.span(index)
+            running = EncryptedSum(setup.public_context, length=stop - start, fingerprint=setup.fingerprint)
+            for reply in relay.fetch(server_round, members, index):
+                node = int(reply.metadata.src_node_id)
+                if node not in members or node in dropped:
+                    continue
+                try:
+                    if reply.has_error():
+                        dropped[node] = (ReplyStatus.FAILED, f"block {index} did not arrive: {reply.error.reason}")
+                        continue
+                    if update_bytes(reply) > limit:
+                        raise UpdateRejectedError(f"block {index} is over the size limit of {limit} bytes")
+                    record = reply.content.get(ARRAYS)
+                    if not isinstance(record, ArrayRecord):
+                        raise UpdateRejectedError(f"the reply for block {index} holds no ArrayRecord 'arrays'")
+                    running.add(read_block(record, relay.layout, manifests[node][0], index))
+                except FedqfError as exc:
+                    dropped[node] = (ReplyStatus.REJECTED, str(exc))
+            if any(node in dropped for node in members):
+                left = [n for n in members if n in dropped]
+                log(WARNING, "round %d: block %d failed at institution(s) %s; summing the blocks again without them",
+                    server_round, index, ", ".join(map(str, left)))
+                restart = True
+                break
+            total = running.result()
+            relay.save_sum(server_round, index, total)
+            digests.append(block_digest(total))
+            del running, total
+        if not restart:
+            log(INFO, "round %d: %d institutions' updates summed in %d blocks", server_round, len(members),
+                relay.layout.blocks)
+            return dropped, digests
+
+
+def block_size_limit(setup: AggregationSetup, relay: BlockRelay) -> int:
+    """The largest block reply accepted: twice the uncompressed ciphertexts of one block, plus margin."""
+    assert setup.public_context is not None
+    params = CkksParameters.from_context(setup.public_context)
+    ciphertext = 2 * params.poly_modulus_degree * max(len(params.coeff_mod_bit_sizes) - 1, 1) * 8
+    return 2 * relay.layout.chunks_per_block * ciphertext + SIZE_MARGIN
 
 
 def finish_train(setup: AggregationSetup, server_round: int, outcome: TrainAggregate, arrays: ArrayRecord | None) -> None:

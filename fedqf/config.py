@@ -148,6 +148,9 @@ class SecureAggregationSection:
     quantization_bits: int = 0
     value_bound: float = 0.5
     max_institutions: int = 0  # 0 means federation.institutions
+    # An encrypted update (and aggregate) larger than this many MiB travels in blocks of at most this size, one
+    # Flower message each, so no process holds a whole large update (fedqf.blocks); 0 sends it in one message.
+    block_mib: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "secure_aggregation.quantization_bits": (0, 24, True, True),
     "secure_aggregation.value_bound": (0, None, False, True),
     "secure_aggregation.max_institutions": (0, 10_000, True, True),
+    "secure_aggregation.block_mib": (0, 1_048_576, True, True),
     "privacy.target_epsilon": (0, None, False, True),
     "privacy.delta": (0, 1, False, False),
     "privacy.max_grad_norm": (0, None, False, True),

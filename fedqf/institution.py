@@ -22,14 +22,31 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from fedqf.blocks import (
+    BLOCK_INDEX,
+    OP,
+    OP_AGGREGATE_BLOCK,
+    OP_UPDATE_BLOCK,
+    BlockFiles,
+    BlockLayout,
+    aggregate_name,
+    block_digest,
+    block_record,
+    is_manifest,
+    layout_for,
+    manifest_record,
+    read_manifest,
+    update_name,
+)
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, config_from_dict
-from fedqf.crypto import decrypt, encrypt
+from fedqf.crypto import decrypt, encrypt, key_fingerprint
 from fedqf.data import InstitutionData
-from fedqf.errors import FedqfError, PrivacyBudgetExceededError
+from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import scheme_for
 from fedqf.privacy import PrivacyLedger, PrivacyPlan, plan_for
 from fedqf.protocol import (
+    AGGREGATE_ROUND,
     ARRAYS,
     CONFIG,
     FEDERATION_TOML,
@@ -62,6 +79,9 @@ class Institution:
     secret_context: ts.Context | None
     # The institution's training group when it trains on several workers (rank 0's handle); None trains alone.
     workers: WorkerGroup | None = None
+    # Where this institution keeps the encrypted blocks of updates and aggregates too large for one message
+    # (fedqf.blocks): the daemon's state directory, or a simulation's private work directory.
+    blocks_dir: Path | None = None
 
     def __post_init__(self) -> None:
         ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
@@ -220,7 +240,7 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     w_{t-1}: w_t = w_{t-1} + Dec(S) / sum_k a_k. A sum already applied is not applied twice.
     """
     layout = inst.layout
-    if not is_encrypted(record):
+    if not is_encrypted(record) and not is_manifest(record):
         missing = [name for name in layout.names if name not in record]
         if missing:
             raise FedqfError(f"the global model lacks the arrays {missing}")
@@ -240,7 +260,10 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
         raise FedqfError("an encrypted aggregate arrived but this institution has no CKKS secret context")
     if weight_sum <= 0:
         raise FedqfError(f"the aggregate's weight sum must be positive, got {weight_sum}")
-    decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
+    if is_manifest(record):
+        decrypted = _decrypt_blocks(inst, record, aggregate_round)
+    else:
+        decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
     scheme = scheme_for(inst.config)
     if scheme is None:
         total = decrypted
@@ -249,6 +272,112 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
         total = scheme.dequantize_sum(field_sums, contributors=contributors)
     base = layout.flatten(state.global_arrays)
     return aggregate_round, layout.unflatten(base + total / weight_sum)
+
+
+def _encrypted_length(inst: Institution) -> int:
+    scheme = scheme_for(inst.config)
+    return scheme.slots_needed(inst.layout.size) if scheme is not None else inst.layout.size
+
+
+def _block_files(inst: Institution) -> BlockFiles:
+    if inst.blocks_dir is None:
+        raise FedqfError("this federation sends encrypted updates in blocks (secure_aggregation.block_mib), but the "
+                         "institution has no directory for them")
+    return BlockFiles(inst.blocks_dir)
+
+
+def _block_layout(inst: Institution) -> BlockLayout:
+    layout = layout_for(inst.config, _encrypted_length(inst))
+    if layout is None:
+        raise FedqfError("an update in blocks arrived, but this federation's updates fit one message "
+                         "(secure_aggregation.block_mib)")
+    return layout
+
+
+def _decrypt_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int) -> npt.NDArray[np.float64]:
+    """Decrypt an aggregate sent in blocks, block by block from the files the coordinator delivered, each checked
+    against the manifest's digest; only the decrypted values of the whole vector are held at once."""
+    assert inst.secret_context is not None
+    layout = _block_layout(inst)
+    try:
+        manifest = read_manifest(record, layout, key_fingerprint(inst.secret_context))
+    except UpdateRejectedError as exc:
+        raise FedqfError(f"the aggregate of round {aggregate_round}: {exc}") from exc
+    files = _block_files(inst)
+    out = np.empty(layout.length, dtype=np.float64)
+    for index in range(layout.blocks):
+        vector = files.read(aggregate_name(aggregate_round), index)
+        if block_digest(vector) != manifest.digests[index]:
+            raise FedqfError(f"block {index} of the aggregate of round {aggregate_round} does not match its manifest's "
+                             "digest (stale or corrupt); expected the coordinator to deliver it again")
+        start, stop = layout.span(index)
+        out[start:stop] = decrypt(inst.secret_context, vector)
+    # Aggregates before this one are applied already; this one stays until the next is applied (a restart may
+    # need it again).
+    files.remove(lambda name: not name.startswith("aggregate-") or name >= aggregate_name(aggregate_round))
+    return out
+
+
+def _encrypt_in_blocks(inst: Institution, values: npt.NDArray[np.float64], bound: float, name: str,
+                       transform: Any = None, per_slot: int = 1) -> tuple[ArrayRecord, str, int]:
+    """Encrypt the slot values block by block into the institution's block files; the reply carries their
+    manifest. `transform` turns a block of values into slot values (quantize and pack) as it is encrypted, so
+    only one block of them and of its ciphertexts is held at once; slot i holds values [i * per_slot,
+    (i + 1) * per_slot). Returns (manifest, fingerprint, bytes)."""
+    assert inst.secret_context is not None
+    layout = _block_layout(inst)
+    files = _block_files(inst)
+    digests: list[bytes] = []
+    nbytes = 0
+    fingerprint = ""
+    for index in range(layout.blocks):
+        start, stop = layout.span(index)
+        if transform is None:
+            block = values[start:stop]
+        else:  # slot values [start, stop) hold the parameters [start * m, stop * m)
+            block = transform(values[start * per_slot : stop * per_slot], stop - start)
+        vector = encrypt(inst.secret_context, block, bound=bound)
+        files.write(name, index, vector)
+        digests.append(block_digest(vector))
+        nbytes += vector.nbytes
+        fingerprint = vector.fingerprint
+    files.remove(lambda other: not other.startswith("update-") or other == name)
+    return manifest_record(layout, fingerprint, digests), fingerprint, nbytes
+
+
+def block_query(inst: Institution, state: InstitutionState, content: RecordDict) -> RecordDict:
+    """A block moving between the coordinator and this institution: an aggregate's block to keep, or a block of
+    this institution's last update to send."""
+    config = content.get(CONFIG)
+    assert isinstance(config, ConfigRecord)
+    op = str(config.get(OP, ""))
+    files = _block_files(inst)
+    if op == OP_AGGREGATE_BLOCK:
+        record = _arrays(content)
+        try:
+            aggregate_round = int(record[AGGREGATE_ROUND].numpy()[0])
+            index = int(record[BLOCK_INDEX].numpy()[0])
+            vector = record_to_encrypted(record)
+        except (KeyError, IndexError, ValueError, UpdateRejectedError) as exc:
+            raise FedqfError(f"the coordinator sent a malformed aggregate block ({exc})") from exc
+        layout = _block_layout(inst)
+        start, stop = layout.span(index)
+        if vector.length != stop - start:
+            raise FedqfError(f"aggregate block {index} holds {vector.length} values, expected {stop - start}")
+        files.write(aggregate_name(aggregate_round), index, vector)
+        return RecordDict({REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "institution": inst.name})})
+    if op == OP_UPDATE_BLOCK:
+        server_round = int(config.get("server-round", -1))  # type: ignore[arg-type]
+        index = int(config.get(BLOCK_INDEX, -1))  # type: ignore[arg-type]
+        # The block files hold one update, the last one encrypted (a simulated institution keeps no reply).
+        names = files.names(update_name(server_round, 0)[: len("update-000000-")])
+        if not names:
+            raise FedqfError(f"the coordinator asked for block {index} of this institution's round {server_round} "
+                             "update, but it holds no update of that round")
+        vector = files.read(names[-1], index)
+        return RecordDict({ARRAYS: block_record(vector, index),
+                           REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "institution": inst.name})})
+    raise FedqfError(f"unknown block operation {op!r}; expected {OP_AGGREGATE_BLOCK!r} or {OP_UPDATE_BLOCK!r}")
 
 
 CATCH_UP_PREFIX = "fedqf.catchup."
@@ -393,7 +522,29 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         sa = config.secure_aggregation
         delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
         scheme = scheme_for(config)
-        if scheme is None:
+        blocked = layout_for(config, _encrypted_length(inst)) is not None
+        if blocked and scheme is None:
+            delta *= weight
+            out, fingerprint, nbytes = _encrypt_in_blocks(inst, delta, weight * sa.delta_clip,
+                                                          update_name(server_round, model_round))
+        elif blocked:
+            assert scheme is not None
+            if weight > 1.0:
+                raise FedqfError(
+                    f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
+                    "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
+                )
+            rng = _quantization_rng(config, inst.index, server_round)
+
+            def pack(values: npt.NDArray[np.float64], slots: int) -> npt.NDArray[np.float64]:
+                clipped = np.clip(values, -scheme.value_bound, scheme.value_bound)
+                packed = scheme.pack(scheme.quantize(weight * clipped, rng))
+                return packed[:slots]
+
+            out, fingerprint, nbytes = _encrypt_in_blocks(inst, delta, scheme.slot_bound,
+                                                          update_name(server_round, model_round), transform=pack,
+                                                          per_slot=scheme.values_per_slot)
+        elif scheme is None:
             encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * sa.delta_clip)
         else:
             if weight > 1.0:
@@ -405,10 +556,11 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
             clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
             quantized = scheme.quantize(weight * clipped, _quantization_rng(config, inst.index, server_round))
             encrypted = encrypt(inst.secret_context, scheme.pack(quantized), bound=scheme.slot_bound)
-        out = encrypted_to_record(encrypted)
-        fingerprint = encrypted.fingerprint
+        if not blocked:
+            out = encrypted_to_record(encrypted)
+            fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start
-        metrics["bytes-sent"] = float(encrypted.nbytes)
+        metrics["bytes-sent"] = float(nbytes)
     else:
         out = ArrayRecord({n: Array(a) for n, a in zip(layout.names, result.arrays)})
         metrics["bytes-sent"] = float(sum(a.nbytes for a in result.arrays))
@@ -474,6 +626,9 @@ def handle(inst: Institution, state: InstitutionState, message_type: str, conten
     if message_type == MessageType.EVALUATE:
         return evaluate_round(inst, state, content, persist=persist)
     if message_type == MessageType.QUERY:
+        config = content.get(CONFIG)
+        if isinstance(config, ConfigRecord) and OP in config:
+            return block_query(inst, state, content)
         return release_round(inst, state, content, persist=persist)
     raise FedqfError(f"unknown instruction type {message_type!r}; expected train, evaluate or query")
 
@@ -527,7 +682,9 @@ def handle_simulated(
     if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
         secret = read_secret_context(str(run_config["fedqf-secret-context"]))
     torch.set_num_threads(config.simulation.torch_threads)
-    inst = Institution(config, data, f"institution-{index}", index, secret)
+    work = str(run_config.get("fedqf-work", ""))
+    inst = Institution(config, data, f"institution-{index}", index, secret,
+                       blocks_dir=Path(work) / f"institution-{index}-blocks" if work else None)
     state = InstitutionState.from_records(state_records)
 
     def persist(current: InstitutionState) -> None:

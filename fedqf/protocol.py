@@ -75,7 +75,10 @@ class InstitutionReport:
         return self.name or str(self.node_id)
 
     def rejected(self, reason: str) -> InstitutionReport:
-        return InstitutionReport(self.node_id, ReplyStatus.REJECTED, reason, self.metrics, self.name)
+        return self.with_status(ReplyStatus.REJECTED, reason)
+
+    def with_status(self, status: ReplyStatus, reason: str) -> InstitutionReport:
+        return InstitutionReport(self.node_id, status, reason, self.metrics, self.name)
 
 
 def encrypted_to_record(

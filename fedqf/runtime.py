@@ -60,7 +60,7 @@ APP_MANIFEST = app_manifest(
     serverapp="fedqf.server_app:app",
     clientapp="fedqf.client_app:app",
     config={key: "" for key in ("fedqf-config", "fedqf-out", "fedqf-public-context", "fedqf-secret-context",
-                                "fedqf-base-dir", "fedqf-resume")} | {"fedqf-mode": "simulation"},
+                                "fedqf-base-dir", "fedqf-resume", "fedqf-work")} | {"fedqf-mode": "simulation"},
 )
 
 CONNECTION = "fedqf"

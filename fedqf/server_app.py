@@ -16,6 +16,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup, update_size_limit
+from fedqf.blocks import BlockRelay, is_manifest, layout_for
+from fedqf.checkpoint import DIRECTORY as CHECKPOINT_DIRECTORY
 from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_aggregate
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
@@ -76,7 +78,7 @@ class ProgressRecorder(RunRecorder):
     def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
         self.latest_arrays = arrays
         self.latest_round = server_round
-        if is_encrypted(arrays):
+        if is_encrypted(arrays) or is_manifest(arrays):
             save_aggregate(self.out_dir, server_round, arrays)
             self.aggregate_rounds.add(server_round)
 
@@ -234,6 +236,18 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         started -= checkpoint.wall_seconds  # wall_seconds counts every start's running time, not the downtime
         log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
     encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
+    relay: BlockRelay | None = None
+    blocks = layout_for(config, encrypted_length or layout.size)
+    if blocks is not None:
+        # Updates travel in blocks; the summed blocks live beside the checkpoint, for catch-up and resume.
+        streaming = grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid)
+        relay = BlockRelay(StreamingGrid(streaming.inner), inputs.out_dir / CHECKPOINT_DIRECTORY, blocks, config_text,
+                           config.federation.round_timeout)
+        streaming.before_send = relay.deliver
+        grid = streaming
+        log(INFO, "fedqf: encrypted updates travel in %d blocks of up to %d ciphertexts "
+            "(secure_aggregation.block_mib = %g)", blocks.blocks, blocks.chunks_per_block,
+            config.secure_aggregation.block_mib)
     setup = AggregationSetup(
         mode=secure,
         layout=layout,
@@ -245,6 +259,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         round_offset=offset,
         max_update_norm=config.strategy.max_update_norm,
         max_update_bytes=update_size_limit(config, layout, encrypted_length),
+        relay=relay,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",

@@ -7,6 +7,7 @@ same gRPC server serves the standard health-checking service (grpc.health.v1).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class InstitutionService:
     state_dir: Path
 
     def __post_init__(self) -> None:
+        if self.institution.blocks_dir is None:  # encrypted blocks of large updates live beside the state
+            self.institution = dataclasses.replace(self.institution, blocks_dir=self.state_dir / "blocks")
         self.state = InstitutionState.load(self.state_dir)
         self._lock = threading.Lock()
         if self.state.ledger.total_steps:

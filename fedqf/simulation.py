@@ -71,6 +71,7 @@ def simulate_federation(
             "fedqf-out": str(out_dir),
             "fedqf-base-dir": str(base_dir.resolve()) if base_dir else "",
             "fedqf-mode": "simulation",
+            "fedqf-work": str(work),  # simulated institutions keep encrypted blocks here (fedqf.blocks)
         }
         if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
             # A simulation holds its own key ceremony; the secret context never leaves this private directory.

@@ -15,7 +15,7 @@ twice. Those that never answered are passed on as error replies naming the insti
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -60,6 +60,9 @@ class StreamingGrid(Grid):
         self._short_since: float | None = None
         self._sampling: tuple[float, int, int] | None = None  # a strategy's (fraction, min_train, min_available)
         self._sample_size: int | None = None  # what Flower's node sampling waits for in this round start
+        # Called with every batch of instructions before it leaves: fedqf.blocks.BlockRelay.deliver sends the
+        # blocks of an encrypted aggregate that the instructions name by their manifest.
+        self.before_send: Callable[[list[Message]], None] | None = None
 
     def begin_sampling(self, *, fraction: float, min_train: int, min_available: int) -> None:
         """Called by fedqf's strategies as a round starts: Flower's FedAvg sizes its sample from the next node
@@ -80,6 +83,10 @@ class StreamingGrid(Grid):
     @property
     def policy(self) -> RoundPolicy:
         return self._policy
+
+    @property
+    def inner(self) -> Grid:
+        return self._inner
 
     def set_run(self, run: Any) -> None:
         self._inner.set_run(run)
@@ -128,6 +135,9 @@ class StreamingGrid(Grid):
         return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self.before_send is not None:
+            self.before_send(messages)
         outgoing = {m.metadata.dst_node_id: m for m in messages}
         exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
                              node_check_interval=self._node_check_interval)
