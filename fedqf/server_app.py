@@ -375,6 +375,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
                 "max_institutions": scheme.max_contributors,
                 "value_bound": scheme.value_bound,
             }
+        summary["ckks"]["blocks"] = blocks.blocks if blocks is not None else 1
         summary["ckks"]["bytes_per_parameter"] = (
             scheme.bytes_per_parameter(params) if scheme is not None else 32.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
         )
