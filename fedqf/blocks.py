@@ -53,6 +53,7 @@ BLOCK_DIGESTS = "fedqf.block-digests"  # uint8 (blocks, 32): SHA-256 of every bl
 OP = "fedqf.op"  # config key of a query instruction that moves a block
 OP_AGGREGATE_BLOCK = "aggregate-block"  # coordinator -> institution: one block of an encrypted aggregate
 OP_UPDATE_BLOCK = "update-block"  # coordinator asks an institution for one block of its update
+INITIAL_DIGEST = "fedqf.initial-sha256"  # uint8 (32,): the initial model, which institutions build from the seed
 _MAGIC = b"FQB1"
 
 
@@ -103,6 +104,22 @@ def layout_for(config: FederationConfig, length: int) -> BlockLayout | None:
         return None
     layout = BlockLayout.of(config, length)
     return layout if layout.blocked else None
+
+
+def arrays_digest(arrays: Iterable[np.ndarray]) -> bytes:
+    """SHA-256 over float32 arrays, each prefixed by its shape."""
+    h = hashlib.sha256()
+    for array in arrays:
+        values = np.ascontiguousarray(array, dtype=np.float32)
+        h.update(struct.pack(f"<Q{values.ndim}Q", values.ndim, *values.shape))
+        h.update(values.tobytes())
+    return h.digest()
+
+
+def seeded_initial_record(arrays: Iterable[np.ndarray]) -> ArrayRecord:
+    """The initial model of a federation whose updates travel in blocks, named by its digest: every institution
+    builds it from the federation's seed and checks the digest, so the largest plaintext message is not sent."""
+    return ArrayRecord({INITIAL_DIGEST: Array(np.frombuffer(arrays_digest(arrays), dtype=np.uint8).copy())})
 
 
 def block_digest(vector: EncryptedVector) -> bytes:

@@ -24,12 +24,14 @@ from flwr.common.logger import log
 
 from fedqf.blocks import (
     BLOCK_INDEX,
+    INITIAL_DIGEST,
     OP,
     OP_AGGREGATE_BLOCK,
     OP_UPDATE_BLOCK,
     BlockFiles,
     BlockLayout,
     aggregate_name,
+    arrays_digest,
     block_digest,
     block_record,
     is_manifest,
@@ -240,6 +242,12 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     w_{t-1}: w_t = w_{t-1} + Dec(S) / sum_k a_k. A sum already applied is not applied twice.
     """
     layout = inst.layout
+    if INITIAL_DIGEST in record:  # the initial model, built here from the federation's seed
+        arrays = [t.detach().numpy().astype(np.float32) for t in inst.model().state_dict().values()]
+        if np.frombuffer(arrays_digest(arrays), dtype=np.uint8).tolist() != record[INITIAL_DIGEST].numpy().tolist():
+            raise FedqfError("the initial model built here from the federation's seed differs from the coordinator's "
+                             "(its digest); expected the same federation file and the same torch version on both sides")
+        return (server_round - 1 if server_round > 0 else max(state.model_round, 0)), arrays
     if not is_encrypted(record) and not is_manifest(record):
         missing = [name for name in layout.names if name not in record]
         if missing:

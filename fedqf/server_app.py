@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup, update_size_limit
-from fedqf.blocks import BlockRelay, is_manifest, layout_for
+from fedqf.blocks import BlockRelay, is_manifest, layout_for, seeded_initial_record
 from fedqf.checkpoint import DIRECTORY as CHECKPOINT_DIRECTORY
 from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_aggregate
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
@@ -226,6 +226,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     digest = config_digest(config_text)
     initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
     recorder.initial = initial
+    initial_weights = initial
     pending_rows: list[dict[str, Any]] = []
     offset = 0
     if inputs.resume:
@@ -245,6 +246,8 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
                            config.federation.round_timeout)
         streaming.before_send = relay.deliver
         grid = streaming
+        # Every institution builds the initial model from the seed; the coordinator sends only its digest.
+        recorder.initial = initial = seeded_initial_record([initial[n].numpy() for n in layout.names])
         log(INFO, "fedqf: encrypted updates travel in %d blocks of up to %d ciphertexts "
             "(secure_aggregation.block_mib = %g)", blocks.blocks, blocks.chunks_per_block,
             config.secure_aggregation.block_mib)
@@ -327,7 +330,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         recorder.record_round(row)
     rounds_completed = recorder.latest_round
 
-    final_arrays = recorder.latest_arrays if recorder.latest_arrays is not None else initial
+    final_arrays = recorder.latest_arrays if recorder.latest_arrays is not None else initial_weights
     if secure is SecureAggregationMode.CKKS and recorder.latest_arrays is not None:
         final_arrays = _release_final_model(grid, recorder.latest_arrays, config_text, config.federation.round_timeout)
     names = list(layout.names)
