@@ -93,13 +93,14 @@ def _kind(cmdline: str) -> str | None:
 
 class ProcessPeaks:
     """Every 0.25 s, the VmRSS of each descendant of the watched processes, kept as the peak per kind and phase:
-    "rounds" until an institution logs that it releases the final model in plaintext, "release" after."""
+    "setup" until the coordinator starts round 1 (its model built, institutions connected), "rounds" until an
+    institution logs that it releases the final model in plaintext, "release" after."""
 
     def __init__(self, roots: list[int], logs: Path) -> None:
         self.roots = roots
         self.logs = logs
-        self.phase = "rounds"
-        self.peaks: dict[str, dict[str, float]] = {"rounds": {}, "release": {}}
+        self.phase = "setup"
+        self.peaks: dict[str, dict[str, float]] = {"setup": {}, "rounds": {}, "release": {}}
         self.seen: dict[str, set[int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -114,6 +115,8 @@ class ProcessPeaks:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.phase == "setup" and "[ROUND 1" in (self.logs / "coordinator.log").read_text(errors="replace"):
+                self.phase = "rounds"
             if self.phase == "rounds" and any("releases the global model" in p.read_text(errors="replace")
                                               for p in self.logs.glob("institution-*.log")):
                 self.phase = "release"
@@ -213,6 +216,7 @@ def main() -> None:
         "encrypt_seconds": [float(r[column["encrypt_seconds"]]) for r in body if r[column["encrypt_seconds"]]],
         "train_seconds": [float(r[column["train_seconds"]]) for r in body if r[column["train_seconds"]]],
         "statuses": [r[column["status"]] for r in body],
+        "peak_rss_mib_setup": {k: round(v) for k, v in sorted(peaks.peaks["setup"].items())},
         "peak_rss_mib_rounds": {k: round(v) for k, v in sorted(peaks.peaks["rounds"].items())},
         "peak_rss_mib_release": {k: round(v) for k, v in sorted(peaks.peaks["release"].items())},
         "processes_seen": {k: len(v) for k, v in sorted(peaks.seen.items())},

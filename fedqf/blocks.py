@@ -53,6 +53,8 @@ BLOCK_DIGESTS = "fedqf.block-digests"  # uint8 (blocks, 32): SHA-256 of every bl
 OP = "fedqf.op"  # config key of a query instruction that moves a block
 OP_AGGREGATE_BLOCK = "aggregate-block"  # coordinator -> institution: one block of an encrypted aggregate
 OP_UPDATE_BLOCK = "update-block"  # coordinator asks an institution for one block of its update
+OP_RELEASE_BLOCK = "release-block"  # coordinator asks for one block of the released final model (plaintext)
+RELEASE_IN_BLOCKS = "fedqf.release-in-blocks"  # config flag of a release whose model is then asked for in blocks
 INITIAL_DIGEST = "fedqf.initial-sha256"  # uint8 (32,): the initial model, which institutions build from the seed
 _MAGIC = b"FQB1"
 
@@ -291,6 +293,28 @@ def _query(config_text: str, node: int, content: dict[str, ArrayRecord], config:
 
 def request_update_block(config_text: str, node: int, server_round: int, index: int) -> Message:
     return _query(config_text, node, {}, {OP: OP_UPDATE_BLOCK, "server-round": server_round, BLOCK_INDEX: index})
+
+
+def plain_values_per_block(config: FederationConfig) -> int:
+    """float32 values of the released model per message: `secure_aggregation.block_mib` of them."""
+    return max(1, int(config.secure_aggregation.block_mib * 1024 * 1024) // 4)
+
+
+def flat_slice(arrays: Iterable[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Values [start, stop) of the arrays raveled and concatenated, as float32, without concatenating them all."""
+    pieces = []
+    offset = 0
+    for array in arrays:
+        flat = np.asarray(array).reshape(-1)
+        lo, hi = max(start, offset), min(stop, offset + flat.size)
+        if lo < hi:
+            pieces.append(flat[lo - offset : hi - offset])
+        offset += flat.size
+    return np.concatenate(pieces).astype(np.float32) if pieces else np.empty(0, dtype=np.float32)
+
+
+def request_release_block(config_text: str, node: int, index: int, start: int, stop: int) -> Message:
+    return _query(config_text, node, {}, {OP: OP_RELEASE_BLOCK, BLOCK_INDEX: index, "start": start, "stop": stop})
 
 
 class BlockRelay:

@@ -27,16 +27,20 @@ from fedqf.blocks import (
     INITIAL_DIGEST,
     OP,
     OP_AGGREGATE_BLOCK,
+    OP_RELEASE_BLOCK,
     OP_UPDATE_BLOCK,
+    RELEASE_IN_BLOCKS,
     BlockFiles,
     BlockLayout,
     aggregate_name,
     arrays_digest,
     block_digest,
     block_record,
+    flat_slice,
     is_manifest,
     layout_for,
     manifest_record,
+    plain_values_per_block,
     read_manifest,
     update_name,
 )
@@ -385,7 +389,17 @@ def block_query(inst: Institution, state: InstitutionState, content: RecordDict)
         vector = files.read(names[-1], index)
         return RecordDict({ARRAYS: block_record(vector, index),
                            REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "institution": inst.name})})
-    raise FedqfError(f"unknown block operation {op!r}; expected {OP_AGGREGATE_BLOCK!r} or {OP_UPDATE_BLOCK!r}")
+    if op == OP_RELEASE_BLOCK:  # values [start, stop) of the final model this institution released
+        start, stop = int(config.get("start", -1)), int(config.get("stop", -1))  # type: ignore[arg-type]
+        size = inst.layout.size
+        if state.global_arrays is None or not 0 <= start < stop <= size or stop - start > plain_values_per_block(inst.config):
+            raise FedqfError(f"cannot release values [{start}, {stop}) of the model: expected 0 <= start < stop <= "
+                             f"{size}, at most {plain_values_per_block(inst.config)} values, after a release")
+        values = flat_slice(state.global_arrays, start, stop)
+        return RecordDict({ARRAYS: ArrayRecord({"values": Array(values)}),
+                           REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "round": state.model_round})})
+    raise FedqfError(f"unknown block operation {op!r}; expected {OP_AGGREGATE_BLOCK!r}, {OP_UPDATE_BLOCK!r} or "
+                     f"{OP_RELEASE_BLOCK!r}")
 
 
 CATCH_UP_PREFIX = "fedqf.catchup."
@@ -618,6 +632,10 @@ def release_round(inst: Institution, state: InstitutionState, content: RecordDic
         persist(state)
     layout = inst.layout
     log(WARNING, "%s releases the global model of round %d to the coordinator", inst.name, state.model_round)
+    config = content.get(CONFIG)
+    if isinstance(config, ConfigRecord) and config.get(RELEASE_IN_BLOCKS):  # the coordinator asks for it in blocks
+        return RecordDict({REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "round": state.model_round,
+                                                 "values": layout.size})})
     return RecordDict(
         {
             ARRAYS: ArrayRecord({n: Array(a) for n, a in zip(layout.names, state.global_arrays)}),

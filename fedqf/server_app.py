@@ -9,6 +9,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tenseal as ts
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -16,7 +17,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedqf.aggregation import AggregationSetup, update_size_limit
-from fedqf.blocks import BlockRelay, is_manifest, layout_for, seeded_initial_record
+from fedqf.blocks import (
+    RELEASE_IN_BLOCKS,
+    BlockRelay,
+    is_manifest,
+    layout_for,
+    plain_values_per_block,
+    request_release_block,
+    seeded_initial_record,
+)
 from fedqf.checkpoint import DIRECTORY as CHECKPOINT_DIRECTORY
 from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_aggregate
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
@@ -174,22 +183,53 @@ def _final_evaluation(grid: Grid, recorder: ProgressRecorder, config_text: str, 
     recorder.record_evaluation(recorder.latest_round, aggregate_evaluate_replies(recorder.latest_round, replies))
 
 
-def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, timeout: float) -> ArrayRecord:
-    """Ask the institutions, one at a time, to release the final global model in plaintext."""
+def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, timeout: float, *,
+                         layout: ParameterLayout, in_blocks: int = 0) -> ArrayRecord:
+    """Ask the institutions, one at a time, to release the final global model in plaintext; with `in_blocks`
+    values per message, the model is then asked for block by block (no message holds all of it)."""
     for node_id in sorted(grid.get_node_ids()):
-        message = Message(
-            RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({FEDERATION_TOML: config_text, "fedqf.release": True})}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node_id,
-        )
+        config = {FEDERATION_TOML: config_text, "fedqf.release": True}
+        if in_blocks:
+            config[RELEASE_IN_BLOCKS] = True
+        message = Message(RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)}),  # type: ignore[arg-type]
+                          message_type=MessageType.QUERY, dst_node_id=node_id)
         for reply in grid.send_and_receive([message], timeout=timeout):
             if reply.has_error():
                 log(WARNING, "institution %d could not release the model: %s", node_id, reply.error.reason)
+                continue
+            if in_blocks:
+                released = _release_in_blocks(grid, node_id, config_text, timeout, layout, in_blocks)
+                if released is not None:
+                    return released
                 continue
             record = reply.content.get(ARRAYS)
             if isinstance(record, ArrayRecord):
                 return record
     raise FederationError("no institution released the final global model")
+
+
+def _release_in_blocks(grid: Grid, node_id: int, config_text: str, timeout: float, layout: ParameterLayout,
+                       per_block: int) -> ArrayRecord | None:
+    flat = np.empty(layout.size, dtype=np.float32)
+    for index, start in enumerate(range(0, layout.size, per_block)):
+        stop = min(layout.size, start + per_block)
+        for reply in grid.send_and_receive([request_release_block(config_text, node_id, index, start, stop)],
+                                           timeout=timeout):
+            record = None if reply.has_error() else reply.content.get(ARRAYS)
+            values = record["values"].numpy() if isinstance(record, ArrayRecord) and "values" in record else None
+            if values is None or values.dtype != np.float32 or values.shape != (stop - start,) \
+                    or not np.isfinite(values).all():
+                reason = reply.error.reason if reply.has_error() else "a malformed block"
+                log(WARNING, "institution %d could not release block %d of the model: %s", node_id, index, reason)
+                return None
+            flat[start:stop] = values
+    record = ArrayRecord()
+    start = 0
+    for name, shape in zip(layout.names, layout.shapes):
+        n = int(np.prod(shape))
+        record[name] = Array(flat[start : start + n].reshape(shape))
+        start += n
+    return record
 
 
 def _wait_for_institutions(grid: Grid, config: FederationConfig) -> None:
@@ -224,9 +264,12 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     scheme = scheme_for(config)
     config_text = dump_config(config)
     digest = config_digest(config_text)
-    initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    blocks = layout_for(config, scheme.slots_needed(layout.size) if scheme is not None else layout.size)
+    if blocks is None:
+        initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
+    else:  # every institution builds the initial model from the seed; the coordinator sends only its digest
+        initial = seeded_initial_record([t.detach().numpy() for t in model.state_dict().values()])
     recorder.initial = initial
-    initial_weights = initial
     pending_rows: list[dict[str, Any]] = []
     offset = 0
     if inputs.resume:
@@ -238,7 +281,6 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
     encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
     relay: BlockRelay | None = None
-    blocks = layout_for(config, encrypted_length or layout.size)
     if blocks is not None:
         # Updates travel in blocks; the summed blocks live beside the checkpoint, for catch-up and resume.
         streaming = grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid)
@@ -246,8 +288,6 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
                            config.federation.round_timeout)
         streaming.before_send = relay.deliver
         grid = streaming
-        # Every institution builds the initial model from the seed; the coordinator sends only its digest.
-        recorder.initial = initial = seeded_initial_record([initial[n].numpy() for n in layout.names])
         log(INFO, "fedqf: encrypted updates travel in %d blocks of up to %d ciphertexts "
             "(secure_aggregation.block_mib = %g)", blocks.blocks, blocks.chunks_per_block,
             config.secure_aggregation.block_mib)
@@ -330,9 +370,13 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         recorder.record_round(row)
     rounds_completed = recorder.latest_round
 
-    final_arrays = recorder.latest_arrays if recorder.latest_arrays is not None else initial_weights
+    final_arrays = recorder.latest_arrays
+    if final_arrays is None:  # no round completed: the initial model (built from the seed, not changed since)
+        final_arrays = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
     if secure is SecureAggregationMode.CKKS and recorder.latest_arrays is not None:
-        final_arrays = _release_final_model(grid, recorder.latest_arrays, config_text, config.federation.round_timeout)
+        final_arrays = _release_final_model(
+            grid, recorder.latest_arrays, config_text, config.federation.round_timeout, layout=layout,
+            in_blocks=plain_values_per_block(config) if relay is not None else 0)
     names = list(layout.names)
     weights = [final_arrays[n].numpy() for n in names]
     set_arrays(model, weights)
