@@ -242,6 +242,10 @@ def aggregate_train_replies(
             log(WARNING, "round %d: institution %s %s: %s", server_round, report.label, report.status.value, report.reason)
         reports.append(report)
     digests: list[bytes] = []
+    if setup.relay is not None:
+        for r in reports:  # an institution that failed may have lost its aggregates: deliver them again next time
+            if r.status is not ReplyStatus.OK:
+                setup.relay.forget(r.node_id)
     if setup.relay is not None and manifests:
         dropped, digests = _sum_blocks(server_round, manifests, setup, setup.relay)
         if dropped:
@@ -251,6 +255,7 @@ def aggregate_train_replies(
                        else r for r in reports]
             for r in reports:
                 if r.node_id in dropped:
+                    setup.relay.forget(r.node_id)
                     log(WARNING, "round %d: institution %s %s: %s", server_round, r.label, r.status.value, r.reason)
     if setup.observer is not None:
         setup.observer.record_train(server_round, reports)
@@ -295,10 +300,12 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
         for index in range(relay.layout.blocks):
             start, stop = relay.layout.span(index)
             running = EncryptedSum(setup.public_context, length=stop - start, fingerprint=setup.fingerprint)
+            seen: set[tuple[int, int]] = set()
             for reply in relay.fetch(server_round, members, index):
                 node = int(reply.metadata.src_node_id)
-                if node not in members or node in dropped:
+                if node not in members or node in dropped or (node, index) in seen:
                     continue
+                seen.add((node, index))
                 try:
                     if reply.has_error():
                         dropped[node] = (ReplyStatus.FAILED, f"block {index} did not arrive: {reply.error.reason}")
@@ -311,6 +318,9 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
                     running.add(read_block(record, relay.layout, manifests[node][0], index))
                 except FedqfError as exc:
                     dropped[node] = (ReplyStatus.REJECTED, str(exc))
+            for node in members:  # an institution that sent no reply for this block is left out too
+                if node not in dropped and (node, index) not in seen:
+                    dropped[node] = (ReplyStatus.FAILED, f"no reply for block {index}")
             if any(node in dropped for node in members):
                 left = [n for n in members if n in dropped]
                 log(WARNING, "round %d: block %d failed at institution(s) %s; summing the blocks again without them",
@@ -328,11 +338,13 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
 
 
 def block_size_limit(setup: AggregationSetup, relay: BlockRelay) -> int:
-    """The largest block reply accepted: twice the uncompressed ciphertexts of one block, plus margin."""
+    """The largest block reply accepted: twice the uncompressed ciphertexts of one block, plus margin, and never
+    more than the update size limit."""
     assert setup.public_context is not None
     params = CkksParameters.from_context(setup.public_context)
     ciphertext = 2 * params.poly_modulus_degree * max(len(params.coeff_mod_bit_sizes) - 1, 1) * 8
-    return 2 * relay.layout.chunks_per_block * ciphertext + SIZE_MARGIN
+    limit = 2 * relay.layout.chunks_per_block * ciphertext + SIZE_MARGIN
+    return min(limit, setup.max_update_bytes) if setup.max_update_bytes > 0 else limit
 
 
 def finish_train(setup: AggregationSetup, server_round: int, outcome: TrainAggregate, arrays: ArrayRecord | None) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from fedqf.checkpoint import CheckpointError
 from fedqf.config import FederationConfig, SecureAggregationMode
 from fedqf.crypto import EncryptedVector
 from fedqf.errors import FedqfError, UpdateRejectedError
@@ -337,9 +338,24 @@ class BlockRelay:
     def save_sum(self, aggregate_round: int, index: int, vector: EncryptedVector) -> None:
         self.files.write(aggregate_name(aggregate_round), index, vector)
 
+    def check_stored(self, aggregate_rounds: Iterable[int]) -> None:
+        """On resume: every block of every stored aggregate must be there. Raises FedqfError naming the first
+        missing one."""
+        for aggregate_round in aggregate_rounds:
+            for index in range(self.layout.blocks):
+                path = self.files.path(aggregate_name(aggregate_round), index)
+                if not path.exists():
+                    raise CheckpointError(f"{path}: block {index} of the aggregate of round {aggregate_round} is missing; "
+                                     "expected every block of every aggregate the checkpoint lists")
+
+    def forget(self, node: int) -> None:
+        """An institution failed an instruction (it may have restarted): send it its aggregates again next time."""
+        self.delivered = {(n, r) for n, r in self.delivered if n != node}
+
     def deliver(self, messages: Iterable[Message]) -> None:
         """Send each destination the blocks of every aggregate manifest its instruction carries, unless sent
-        already. An institution that fails to take a block is logged; its instruction then fails there."""
+        already. An institution that fails to take a block is logged, gets no later aggregate in this call, and its
+        instruction then fails there."""
         wanted: dict[int, set[int]] = {}
         for message in messages:
             node = int(message.metadata.dst_node_id)
@@ -348,11 +364,11 @@ class BlockRelay:
                     aggregate_round = _int_scalar(record, AGGREGATE_ROUND)  # type: ignore[arg-type]
                     if (node, aggregate_round) not in self.delivered:
                         wanted.setdefault(aggregate_round, set()).add(node)
+        failed: dict[int, str] = {}  # an institution that missed one aggregate cannot apply the later ones
         for aggregate_round in sorted(wanted):
-            self._deliver(aggregate_round, sorted(wanted[aggregate_round]))
+            self._deliver(aggregate_round, [n for n in sorted(wanted[aggregate_round]) if n not in failed], failed)
 
-    def _deliver(self, aggregate_round: int, nodes: list[int]) -> None:
-        failed: dict[int, str] = {}
+    def _deliver(self, aggregate_round: int, nodes: list[int], failed: dict[int, str]) -> None:
         for index in range(self.layout.blocks):
             targets = [n for n in nodes if n not in failed]
             if not targets:
@@ -361,14 +377,20 @@ class BlockRelay:
             record = block_record(vector, index, extra={AGGREGATE_ROUND: np.array([aggregate_round], dtype=np.int64)})
             messages = [_query(self.config_text, node, {ARRAYS: record}, {OP: OP_AGGREGATE_BLOCK})
                         for node in targets]
+            confirmed: set[int] = set()
             for reply in self.grid.send_and_receive(messages, timeout=self.timeout):  # type: ignore[attr-defined]
                 node = int(reply.metadata.src_node_id)
                 if reply.has_error():
                     failed[node] = reply.error.reason
                 else:
                     report = reply.content.get(REPORT)
-                    if not isinstance(report, ConfigRecord) or report.get("status") != "ok":
+                    if isinstance(report, ConfigRecord) and report.get("status") == "ok":
+                        confirmed.add(node)
+                    else:
                         failed[node] = "the institution did not confirm the block"
+            for node in targets:  # only an explicit confirmation counts
+                if node not in confirmed:
+                    failed.setdefault(node, f"no confirmation of block {index}")
             del vector, record, messages
         for node in nodes:
             if node in failed:
@@ -376,6 +398,6 @@ class BlockRelay:
                     aggregate_round, failed[node])
             else:
                 self.delivered.add((node, aggregate_round))
-        if len(failed) < len(nodes):
+        if any(node not in failed for node in nodes):
             log(INFO, "fedqf: aggregate of round %d sent in %d blocks to %d institution(s)", aggregate_round,
-                self.layout.blocks, len(nodes) - len(failed))
+                self.layout.blocks, sum(1 for node in nodes if node not in failed))

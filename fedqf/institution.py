@@ -122,11 +122,16 @@ class InstitutionState:
     # recording it but before its reply is persisted released nothing for that round: asked again after its
     # restart, it trains the round without recording the spend a second time.
     spent_round: tuple[int, int] | None = None
+    # The (server round, model round) of the update in blocks that this institution replied with: the only one
+    # whose blocks it hands out (fedqf.blocks).
+    sent_blocks: tuple[int, int] | None = None
     _reply_saved: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     # --- simulation: Flower's Context.state -------------------------------------------------------------
     def to_records(self) -> dict[str, Any]:
         record = ConfigRecord({"round": self.model_round})
+        if self.sent_blocks is not None:
+            record["sent-blocks"] = list(self.sent_blocks)
         for key, value in self.ledger.to_state().items():
             record[f"ledger.{key}"] = value
         out: dict[str, Any] = {"fedqf.state": record}
@@ -142,7 +147,11 @@ class InstitutionState:
         ledger_state = {k[len("ledger.") :]: v for k, v in state.items() if k.startswith("ledger.")}
         model = records.get("fedqf.global-model")
         arrays = model.to_numpy_ndarrays() if isinstance(model, ArrayRecord) else None
-        return cls(int(state["round"]), arrays, PrivacyLedger.from_state(ledger_state))  # type: ignore[arg-type]
+        restored = cls(int(state["round"]), arrays, PrivacyLedger.from_state(ledger_state))  # type: ignore[arg-type]
+        sent = state.get("sent-blocks")
+        if isinstance(sent, list) and len(sent) == 2:
+            restored.sent_blocks = (int(sent[0]), int(sent[1]))
+        return restored
 
     # --- deployment: the institution's state directory ----------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -157,6 +166,8 @@ class InstitutionState:
         payload: dict[str, Any] = {"round": self.model_round, "ledger": self.ledger.to_state()}
         if self.spent_round is not None:
             payload["spent-round"] = list(self.spent_round)
+        if self.sent_blocks is not None:
+            payload["sent-blocks"] = list(self.sent_blocks)
         reply_name = ""
         if self.last_update is not None:
             # Named by its rounds, and named in state.json only once written: a crash between the two writes
@@ -190,6 +201,8 @@ class InstitutionState:
                     arrays = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
             spent = payload.get("spent-round")
             spent_round = (int(spent[0]), int(spent[1])) if spent is not None else None
+            sent = payload.get("sent-blocks")
+            sent_blocks = (int(sent[0]), int(sent[1])) if sent is not None else None
             last_update = None
             if payload.get("last-reply") is not None:
                 from flwr.common.serde import recorddict_from_proto
@@ -205,7 +218,7 @@ class InstitutionState:
                 f"{path}: the institution's saved state is unreadable ({exc}); refusing to start rather than "
                 "forget the privacy budget already spent"
             ) from exc
-        return cls(model_round, arrays, ledger, last_update, spent_round)
+        return cls(model_round, arrays, ledger, last_update, spent_round, sent_blocks)
 
 
 @functools.lru_cache(maxsize=8)
@@ -324,10 +337,18 @@ def _decrypt_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int
                              "digest (stale or corrupt); expected the coordinator to deliver it again")
         start, stop = layout.span(index)
         out[start:stop] = decrypt(inst.secret_context, vector)
-    # Aggregates before this one are applied already; this one stays until the next is applied (a restart may
-    # need it again).
-    files.remove(lambda name: not name.startswith("aggregate-") or name >= aggregate_name(aggregate_round))
-    return out
+    return out  # the files stay until a saved state holds this round (prune_blocks)
+
+
+def prune_blocks(inst: Institution, state: InstitutionState) -> None:
+    """Once `state` is saved: delete the aggregates it has applied, and every update but the one it replied with
+    (a restart can only resend that one, and a lagging institution still needs later aggregates)."""
+    if inst.blocks_dir is None:
+        return
+    applied = aggregate_name(state.model_round)
+    sent = update_name(*state.sent_blocks) if state.sent_blocks is not None else ""
+    BlockFiles(inst.blocks_dir).remove(
+        lambda name: (name > applied) if name.startswith("aggregate-") else (name == sent or not name.startswith("update-")))
 
 
 def _encrypt_in_blocks(inst: Institution, values: npt.NDArray[np.float64], bound: float, name: str,
@@ -353,7 +374,6 @@ def _encrypt_in_blocks(inst: Institution, values: npt.NDArray[np.float64], bound
         digests.append(block_digest(vector))
         nbytes += vector.nbytes
         fingerprint = vector.fingerprint
-    files.remove(lambda other: not other.startswith("update-") or other == name)
     return manifest_record(layout, fingerprint, digests), fingerprint, nbytes
 
 
@@ -370,8 +390,13 @@ def block_query(inst: Institution, state: InstitutionState, content: RecordDict)
             aggregate_round = int(record[AGGREGATE_ROUND].numpy()[0])
             index = int(record[BLOCK_INDEX].numpy()[0])
             vector = record_to_encrypted(record)
-        except (KeyError, IndexError, ValueError, UpdateRejectedError) as exc:
+        except Exception as exc:  # anything malformed is refused with its reason, never an internal error
             raise FedqfError(f"the coordinator sent a malformed aggregate block ({exc})") from exc
+        assert inst.secret_context is not None
+        if vector.fingerprint != key_fingerprint(inst.secret_context):
+            raise FedqfError("the coordinator sent an aggregate block under another key than this institution's")
+        if not 0 < aggregate_round < 1_000_000:
+            raise FedqfError(f"aggregate block of round {aggregate_round}: expected a round in 1..999999")
         layout = _block_layout(inst)
         start, stop = layout.span(index)
         if vector.length != stop - start:
@@ -379,18 +404,24 @@ def block_query(inst: Institution, state: InstitutionState, content: RecordDict)
         files.write(aggregate_name(aggregate_round), index, vector)
         return RecordDict({REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "institution": inst.name})})
     if op == OP_UPDATE_BLOCK:
-        server_round = int(config.get("server-round", -1))  # type: ignore[arg-type]
-        index = int(config.get(BLOCK_INDEX, -1))  # type: ignore[arg-type]
-        # The block files hold one update, the last one encrypted (a simulated institution keeps no reply).
-        names = files.names(update_name(server_round, 0)[: len("update-000000-")])
-        if not names:
+        try:
+            server_round = int(config.get("server-round", -1))  # type: ignore[arg-type]
+            index = int(config.get(BLOCK_INDEX, -1))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise FedqfError(f"a malformed block request ({exc})") from exc
+        # Only the update this institution replied with (saved before the reply left) is handed out.
+        if state.sent_blocks is None or state.sent_blocks[0] != server_round:
             raise FedqfError(f"the coordinator asked for block {index} of this institution's round {server_round} "
-                             "update, but it holds no update of that round")
-        vector = files.read(names[-1], index)
+                             "update, but it sent no update of that round")
+        _block_layout(inst).span(index)  # an index out of range is refused
+        vector = files.read(update_name(*state.sent_blocks), index)
         return RecordDict({ARRAYS: block_record(vector, index),
                            REPORT: ConfigRecord({"status": ReplyStatus.OK.value, "institution": inst.name})})
     if op == OP_RELEASE_BLOCK:  # values [start, stop) of the final model this institution released
-        start, stop = int(config.get("start", -1)), int(config.get("stop", -1))  # type: ignore[arg-type]
+        try:
+            start, stop = int(config.get("start", -1)), int(config.get("stop", -1))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise FedqfError(f"a malformed release request ({exc})") from exc
         size = inst.layout.size
         if state.global_arrays is None or not 0 <= start < stop <= size or stop - start > plain_values_per_block(inst.config):
             raise FedqfError(f"cannot release values [{start}, {stop}) of the model: expected 0 <= start < stop <= "
@@ -538,13 +569,13 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     weight = len(train_data) / config.secure_aggregation.weight_unit
     metrics["weight"] = weight
     fingerprint = ""
+    blocked = layout_for(config, _encrypted_length(inst)) is not None
     if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
         assert inst.secret_context is not None
         start = time.perf_counter()
         sa = config.secure_aggregation
         delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
         scheme = scheme_for(config)
-        blocked = layout_for(config, _encrypted_length(inst)) is not None
         if blocked and scheme is None:
             delta *= weight
             out, fingerprint, nbytes = _encrypt_in_blocks(inst, delta, weight * sa.delta_clip,
@@ -590,12 +621,20 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "")
     reply = _train_reply(inst, arrays=out, metrics=metrics, status=ReplyStatus.OK, fingerprint=fingerprint)
     state.last_update = (server_round, model_round, reply)
+    previous_blocks = state.sent_blocks
+    if blocked:
+        state.sent_blocks = (server_round, model_round)
     if persist is not None:  # before the reply leaves: asked again after a restart, the daemon resends it
         try:
             persist(state)
         except BaseException:
-            # Not saved, so not sent: a later attempt must not resend an update a restart would have forgotten.
+            # Not saved, so not sent: a later attempt must not resend an update a restart would have forgotten,
+            # and its blocks must not be handed out.
             state.last_update = None
+            if blocked:
+                state.sent_blocks = previous_blocks
+                name = update_name(server_round, model_round)
+                _block_files(inst).remove(lambda other: other != name)
             raise
     return reply
 
@@ -708,7 +747,7 @@ def handle_simulated(
     if config.secure_aggregation.mode is SecureAggregationMode.CKKS:
         secret = read_secret_context(str(run_config["fedqf-secret-context"]))
     torch.set_num_threads(config.simulation.torch_threads)
-    work = str(run_config.get("fedqf-work", ""))
+    work = str(run_config.get("fedqf-work", "")) if run_config.get("fedqf-mode", "simulation") == "simulation" else ""
     inst = Institution(config, data, f"institution-{index}", index, secret,
                        blocks_dir=Path(work) / f"institution-{index}-blocks" if work else None)
     state = InstitutionState.from_records(state_records)
@@ -716,6 +755,7 @@ def handle_simulated(
     def persist(current: InstitutionState) -> None:
         for key, value in current.to_records().items():
             state_records[key] = value
+        prune_blocks(inst, current)
 
     reply = handle(inst, state, message_type, content, persist=persist)
     persist(state)

@@ -284,9 +284,13 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     if blocks is not None:
         # Updates travel in blocks; the summed blocks live beside the checkpoint, for catch-up and resume.
         streaming = grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid)
-        relay = BlockRelay(StreamingGrid(streaming.inner), inputs.out_dir / CHECKPOINT_DIRECTORY, blocks, config_text,
+        relay_grid = StreamingGrid(streaming.inner)
+        relay_grid.pull_batch = 1  # one block reply at a time: the coordinator holds one block, not one per institution
+        relay = BlockRelay(relay_grid, inputs.out_dir / CHECKPOINT_DIRECTORY, blocks, config_text,
                            config.federation.round_timeout)
+        relay.check_stored(recorder.aggregate_rounds)  # on resume: every block of every stored aggregate
         streaming.before_send = relay.deliver
+        streaming.on_failure = relay.forget
         grid = streaming
         log(INFO, "fedqf: encrypted updates travel in %d blocks of up to %d ciphertexts "
             "(secure_aggregation.block_mib = %g)", blocks.blocks, blocks.chunks_per_block,

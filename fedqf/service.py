@@ -21,7 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedqf.config import FederationConfig
 from fedqf.errors import FedqfError
-from fedqf.institution import Institution, InstitutionState, federation_text, handle, parse_federation
+from fedqf.institution import (
+    Institution,
+    InstitutionState,
+    federation_text,
+    handle,
+    parse_federation,
+    prune_blocks,
+)
 from fedqf.protocol import REPORT, ReplyStatus
 from fedqf.service_client import HANDLE, SERVICE, channel_options, decode, encode, wait_serving
 
@@ -68,6 +75,7 @@ class InstitutionService:
 
     def persist(self, state: InstitutionState) -> None:
         state.save(self.state_dir)
+        prune_blocks(self.institution, state)  # only what a saved state no longer needs
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
         with self._lock:

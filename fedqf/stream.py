@@ -63,6 +63,9 @@ class StreamingGrid(Grid):
         # Called with every batch of instructions before it leaves: fedqf.blocks.BlockRelay.deliver sends the
         # blocks of an encrypted aggregate that the instructions name by their manifest.
         self.before_send: Callable[[list[Message]], None] | None = None
+        # Called with an institution's node id when an instruction to it ends in an error reply.
+        self.on_failure: Callable[[int], None] | None = None
+        self.pull_batch: int | None = None  # pull at most this many replies at once (blocks: one at a time)
 
     def begin_sampling(self, *, fraction: float, min_train: int, min_available: int) -> None:
         """Called by fedqf's strategies as a round starts: Flower's FedAvg sizes its sample from the next node
@@ -140,7 +143,8 @@ class StreamingGrid(Grid):
             self.before_send(messages)
         outgoing = {m.metadata.dst_node_id: m for m in messages}
         exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
-                             node_check_interval=self._node_check_interval)
+                             node_check_interval=self._node_check_interval, before_resend=self.before_send,
+                             on_failure=self.on_failure, pull_batch=self.pull_batch)
         exchange.send(list(outgoing))
         return exchange.replies()
 
@@ -149,8 +153,13 @@ class _Exchange:
     """One instruction per institution and the replies to it; at most one reply per institution is passed on."""
 
     def __init__(self, inner: Grid, outgoing: dict[int, Message], policy: RoundPolicy, *, timeout: float | None,
-                 poll_interval: float, node_check_interval: float) -> None:
+                 poll_interval: float, node_check_interval: float,
+                 before_resend: Callable[[list[Message]], None] | None = None,
+                 on_failure: Callable[[int], None] | None = None, pull_batch: int | None = None) -> None:
         self.inner = inner
+        self.before_resend = before_resend
+        self.on_failure = on_failure
+        self.pull_batch = pull_batch
         self.outgoing = outgoing
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -179,6 +188,9 @@ class _Exchange:
                 m = first.metadata
                 messages.append(Message(first.content, dst_node_id=node, message_type=m.message_type,
                                         group_id=m.group_id))
+        resent = [m for node, m in zip(nodes, messages) if self.sends.get(node, 0) > 0]
+        if resent and self.before_resend is not None:
+            self.before_resend(resent)  # e.g. deliver again what an institution that failed has lost
         ids = list(self.inner.push_messages(messages))
         now = time.monotonic()
         for node, message_id in zip(nodes, ids):
@@ -235,13 +247,16 @@ class _Exchange:
         next_node_check = 0.0
         while not self._settled():
             past_deadline = deadline is not None and time.monotonic() >= deadline
-            arrived = list(self.inner.pull_messages(list(self.pending))) if self.pending else []
+            wanted = list(self.pending)[: self.pull_batch] if self.pull_batch else list(self.pending)
+            arrived = list(self.inner.pull_messages(wanted)) if wanted else []
             for message in arrived:
                 message_id = message.metadata.reply_to_message_id
                 self.pending.discard(message_id)
                 node = self.destination.get(message_id)
                 if node is None or node in self.answered:
                     continue  # a second answer to an instruction sent twice: the first one counted
+                if message.has_error() and self.on_failure is not None:
+                    self.on_failure(node)
                 if message.has_error() and not self.training:
                     self.answered.add(node)  # evaluation and release: an error reply is final
                     yield _attributed(message, node)
@@ -262,7 +277,8 @@ class _Exchange:
                     break
                 assert self.timeout is not None
                 deadline = time.monotonic() + self.timeout
-            time.sleep(self.poll_interval)
+            if not arrived:  # replies may be waiting still: pull again at once
+                time.sleep(self.poll_interval)
         limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
         for node, message in self.outgoing.items():
             if node not in self.answered:

@@ -241,7 +241,7 @@ def test_an_institution_encrypts_sends_and_applies_an_update_in_blocks(keys, tmp
 
     update = [read_block(query({OP: OP_UPDATE_BLOCK, "server-round": 1, BLOCK_INDEX: i})[ARRAYS], blocks, manifest, i)  # type: ignore[arg-type]
               for i in range(blocks.blocks)]
-    with pytest.raises(FedqfError, match="holds no update of that round"):
+    with pytest.raises(FedqfError, match="sent no update of that round"):
         query({OP: OP_UPDATE_BLOCK, "server-round": 2, BLOCK_INDEX: 0})
     delta = np.concatenate([decrypt(secret, v) for v in update])
     # The coordinator's aggregate of this one update, delivered in blocks, then named by a manifest.
@@ -299,3 +299,121 @@ def test_a_federation_in_blocks_trains_the_same_model_as_in_single_messages(tmp_
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert blocked["summary"]["epsilon"] == single["summary"]["epsilon"]
+
+
+class DeliveryGrid:
+    """Takes aggregate blocks as institutions would; `refuses` maps a node to the (round, block) it fails at."""
+
+    def __init__(self, refuses: dict[int, tuple[int, int]]) -> None:
+        self.refuses = refuses
+        self.received: list[tuple[int, int, int]] = []  # (node, round, block)
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = int(message.metadata.dst_node_id)
+            record = message.content[ARRAYS]
+            assert isinstance(record, ArrayRecord)
+            key = (int(record[AGGREGATE_ROUND].numpy()[0]), int(record[BLOCK_INDEX].numpy()[0]))
+            if self.refuses.get(node) == key:
+                replies.append(_error_from(node, "disk full"))
+                continue
+            self.received.append((node, *key))
+            replies.append(reply_from(node, RecordDict({REPORT: ConfigRecord({"status": "ok"})})))
+        return replies
+
+
+def _instruction(node: int, **records: ArrayRecord) -> Message:
+    return Message(RecordDict(dict(records)), message_type="train", dst_node_id=node)
+
+
+def test_delivery_sends_each_institution_what_it_lacks_and_again_after_a_failure(  # type: ignore[no-untyped-def]
+    keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    secret, _ = keys
+    layout = layout_for(CONFIG, LENGTH)
+    assert layout is not None
+    fingerprint = key_fingerprint(secret)
+    grid = DeliveryGrid(refuses={2: (1, 1)})  # institution 2 fails block 1 of the round-1 aggregate
+    relay = BlockRelay(grid, tmp_path, layout, dump_config(CONFIG), timeout=None)
+    manifests = {}
+    for r in (1, 2):
+        vectors = _blocks(secret, np.full(LENGTH, r / 10), layout)
+        for i, v in enumerate(vectors):
+            relay.save_sum(r, i, v)
+        manifests[r] = manifest_record(layout, fingerprint, [block_digest(v) for v in vectors],
+                                       extra={AGGREGATE_ROUND: np.array([r])})
+    relay.check_stored([1, 2])
+    # Institution 1 gets round 2; institution 2 lags and gets round 1 as catch-up with round 2.
+    relay.deliver([_instruction(1, arrays=manifests[2]),
+                   _instruction(2, arrays=manifests[2], **{"fedqf.catchup.000001": manifests[1]})])
+    assert {(n, r) for n, r, _ in grid.received} == {(1, 2), (2, 1)}  # 2 gets nothing after its failure
+    assert sorted(b for n, r, b in grid.received if n == 1) == list(range(layout.blocks))
+    assert relay.delivered == {(1, 2)}
+    # Sent again: only what is missing goes out; once forgotten (the institution failed), everything again.
+    grid.received.clear()
+    grid.refuses.clear()
+    relay.deliver([_instruction(1, arrays=manifests[2]),
+                   _instruction(2, arrays=manifests[2], **{"fedqf.catchup.000001": manifests[1]})])
+    assert {(n, r) for n, r, _ in grid.received} == {(2, 1), (2, 2)}
+    relay.forget(1)
+    grid.received.clear()
+    relay.deliver([_instruction(1, arrays=manifests[2])])
+    assert {(n, r) for n, r, _ in grid.received} == {(1, 2)}
+    # A resumed coordinator refuses a checkpoint whose blocks are gone.
+    relay.files.path("aggregate-000002", 3).unlink()
+    from fedqf.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="block 3 of the aggregate of round 2 is missing"):
+        relay.check_stored([1, 2])
+
+
+def test_an_update_whose_reply_was_not_saved_is_never_handed_out(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedqf.data import simulate_federation_data
+    from fedqf.institution import Institution, InstitutionState, handle, prune_blocks, train_round
+
+    secret, _ = keys
+    config = config_from_dict({"federation": {"institutions": 2, "seed": 3}, "privacy": {"mode": "none"},
+                               "model": {"hidden": [256]}, "secure_aggregation": {"block_mib": 0.13}})
+    data = simulate_federation_data(config.data, institutions=2, seed=3)
+    inst = Institution(config, data.institutions[0], "a", 0, secret, blocks_dir=tmp_path / "a")
+    text = dump_config(config)
+    initial = ArrayRecord({n: _array(t) for n, t in inst.model().state_dict().items()})
+    state = InstitutionState()
+
+    def train(server_round: int, persist=None) -> RecordDict:  # type: ignore[no-untyped-def]
+        return train_round(inst, state, RecordDict({ARRAYS: initial, "config": ConfigRecord(
+            {"server-round": server_round, "fedqf.federation": text})}), persist=persist)
+
+    def ask(server_round: int) -> RecordDict:
+        return handle(inst, state, "query", RecordDict({"config": ConfigRecord(
+            {"fedqf.federation": text, OP: OP_UPDATE_BLOCK, "server-round": server_round, BLOCK_INDEX: 0})}))
+
+    train(1, persist=lambda s: state.save(tmp_path / "state"))
+    assert state.sent_blocks == (1, 0)
+    assert ask(1)[ARRAYS] is not None
+
+    def failing(_: InstitutionState) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train(2, persist=failing)
+    assert state.sent_blocks == (1, 0) and state.last_update is None
+    with pytest.raises(FedqfError, match="sent no update of that round"):
+        ask(2)
+    files = BlockFiles(tmp_path / "a")
+    assert files.names("update-") == ["update-000001-000000"]  # the unsent update's blocks are gone
+    assert InstitutionState.load(tmp_path / "state").sent_blocks == (1, 0)  # and the saved state names round 1
+    with pytest.raises(FedqfError, match="does not exist"):  # an index out of range is refused
+        handle(inst, state, "query", RecordDict({"config": ConfigRecord(
+            {"fedqf.federation": text, OP: OP_UPDATE_BLOCK, "server-round": 1, BLOCK_INDEX: 99})}))
+    # Pruning after a save keeps the update sent and the aggregates not applied yet, nothing else.
+    files.write("aggregate-000000", 0, files.read("update-000001-000000", 0))
+    files.write("aggregate-000003", 0, files.read("update-000001-000000", 0))
+    state.model_round = 1
+    prune_blocks(inst, state)
+    assert files.names("") == ["aggregate-000003", "update-000001-000000"]

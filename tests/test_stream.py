@@ -239,3 +239,36 @@ def test_an_institution_lost_between_sizing_and_sampling_does_not_hang_the_round
     assert isinstance(outcome[0], InstitutionsMissingError)
     assert "only 2 institution(s) connected" in str(outcome[0])
     assert "fewer than the 3 this round start waits for" in str(outcome[0])
+
+
+def test_an_institution_that_failed_is_reported_and_its_resend_passes_the_hook() -> None:
+    """Updates in blocks: a failed institution may have lost the blocks delivered to it, so the grid reports it
+    (on_failure) and hands the instruction sent again to before_send, which delivers them again."""
+    fake = FakeGrid({1: Node(["answer"]), 2: Node(["crash", "answer"])})
+    grid = StreamingGrid(fake, policy=RoundPolicy(min_replies=2, retries=0, resend_interval=0.001),  # type: ignore[arg-type]
+                         poll_interval=0.001, node_check_interval=0.0)
+    failed: list[int] = []
+    sent: list[list[int]] = []
+    grid.on_failure = failed.append
+    grid.before_send = lambda messages: sent.append(sorted(m.metadata.dst_node_id for m in messages))
+    replies = list(grid.send_and_receive(_instructions([1, 2]), timeout=30.0))
+    assert not any(r.has_error() for r in replies)
+    assert failed == [2]
+    assert sent == [[1, 2], [2]]  # the first send, then the resend to the institution that failed
+
+
+def test_pull_batch_pulls_one_reply_at_a_time() -> None:
+    fake = FakeGrid({n: Node(["answer"]) for n in (1, 2, 3)})
+    asked: list[int] = []
+    pull = fake.pull_messages
+
+    def counting(ids: Iterable[str]) -> Iterable[Message]:
+        ids = list(ids)
+        asked.append(len(ids))
+        return pull(ids)
+
+    fake.pull_messages = counting  # type: ignore[method-assign]
+    grid = StreamingGrid(fake, poll_interval=0.001)  # type: ignore[arg-type]
+    grid.pull_batch = 1
+    replies = list(grid.send_and_receive(_instructions([1, 2, 3], MessageType.QUERY), timeout=30.0))
+    assert len(replies) == 3 and max(asked) == 1
