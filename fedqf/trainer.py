@@ -18,7 +18,7 @@ from fedqf.config import Device, GradSampleMode, TrainingSection
 from fedqf.data import Dataset
 from fedqf.errors import ConfigError
 from fedqf.model import get_arrays
-from fedqf.privacy import PrivacyLedger, make_private, make_private_bookkeeping
+from fedqf.privacy import PoissonBatches, PrivacyLedger, make_private, make_private_bookkeeping
 
 
 @dataclass(frozen=True)
@@ -257,10 +257,23 @@ def _train_private(model: nn.Module, dataset: TensorDataset, optimizer: torch.op
         criterion=nn.CrossEntropyLoss() if ghost else None,
     )
     criterion: Any = private.criterion if private.criterion is not None else nn.CrossEntropyLoss()
+    # Opacus's distributed Poisson sampler skips a worker's step when its local sample is empty, and that worker's
+    # all-reduces then pair with the others' next step (or never). With several workers, sample the same shards at
+    # the same rate from the same generator (the CSPRNG in secure mode), but with an empty local batch still a step.
+    poisson = PoissonBatches(num_records=len(dataset), sample_rate=private.sample_rate,
+                             generator=getattr(private.data_loader.batch_sampler, "generator", None) or sampler,
+                             rank=ctx.rank, world_size=ctx.world_size) if ctx.distributed else None
+    features, labels = dataset.tensors
+
+    def epoch_batches() -> Any:
+        if poisson is None:
+            return private.data_loader
+        return ((features[index], labels[index]) for index in poisson)
+
     steps, loss_sum, seen = 0, 0.0, 0
     try:
         for _ in range(training.local_epochs):
-            for x, y in private.data_loader:
+            for x, y in epoch_batches():
                 x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
                 private.optimizer.zero_grad(set_to_none=True)
                 loss = criterion(private.module(x), y)

@@ -342,3 +342,23 @@ def test_plaintext_replies_say_which_global_model_they_validated(data_file: Path
     replies = _alone(_config(), data_file, rounds=3)
     assert [reply[METRICS]["model-round"] for reply in replies] == [0.0, 1.0, 2.0]
     assert [reply[METRICS]["val-round"] for reply in replies] == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_local_poisson_batches_keep_the_workers_in_step(data_file: Path, tmp_path: Path, mode: str) -> None:
+    """An expected local batch of one record: about a third of each worker's steps sample nothing. Opacus's own
+    distributed sampler skips those steps, unpairing the workers' all-reduces; each must still be a step."""
+    raw = config_to_raw(_config(target_epsilon=2.0))
+    raw["training"] = {**raw["training"], "batch_size": 2, "local_epochs": 1, "grad_sample_mode": mode}
+    config = config_from_dict(raw)
+    group = Group(config, data_file, tmp_path / mode, LaunchSpec(workers=2, max_restarts=0))
+    try:
+        group.wait()
+        reply = _train(group, config, _initial(config, data_file), 1)
+    finally:
+        group.stop()
+    alone = _alone(config, data_file, rounds=1)[0]
+    assert reply[REPORT]["status"] == "ok", reply[REPORT]["reason"]
+    assert reply[METRICS]["steps"] == alone[METRICS]["steps"] > 100
+    assert reply[METRICS]["epsilon"] == pytest.approx(alone[METRICS]["epsilon"], rel=1e-9)
+    assert np.isfinite(reply[METRICS]["train-loss"])
