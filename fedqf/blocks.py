@@ -115,7 +115,7 @@ def arrays_digest(arrays: Iterable[np.ndarray]) -> bytes:
     for array in arrays:
         values = np.ascontiguousarray(array, dtype=np.float32)
         h.update(struct.pack(f"<Q{values.ndim}Q", values.ndim, *values.shape))
-        h.update(memoryview(values).cast("B"))  # no copy of a 400 MB layer
+        h.update(values.reshape(-1).view(np.uint8).data)  # no copy of a 400 MB layer
     return h.digest()
 
 
@@ -312,6 +312,18 @@ def flat_slice(arrays: Iterable[np.ndarray], start: int, stop: int) -> np.ndarra
             pieces.append(flat[lo - offset : hi - offset])
         offset += flat.size
     return np.concatenate(pieces).astype(np.float32) if pieces else np.empty(0, dtype=np.float32)
+
+
+def flat_assign(arrays: list[np.ndarray], start: int, values: np.ndarray) -> None:
+    """Write `values` into the arrays raveled and concatenated, from position `start` on, in place."""
+    offset = 0
+    stop = start + len(values)
+    for array in arrays:
+        flat = array.reshape(-1)  # a view: the arrays are contiguous
+        lo, hi = max(start, offset), min(stop, offset + flat.size)
+        if lo < hi:
+            flat[lo - offset : hi - offset] = values[lo - start : hi - start]
+        offset += flat.size
 
 
 def request_release_block(config_text: str, node: int, index: int, start: int, stop: int) -> Message:

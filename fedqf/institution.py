@@ -36,6 +36,7 @@ from fedqf.blocks import (
     arrays_digest,
     block_digest,
     block_record,
+    flat_assign,
     flat_slice,
     is_manifest,
     layout_for,
@@ -286,9 +287,9 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     if weight_sum <= 0:
         raise FedqfError(f"the aggregate's weight sum must be positive, got {weight_sum}")
     if is_manifest(record):
-        decrypted = _decrypt_blocks(inst, record, aggregate_round)
-    else:
-        decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
+        return aggregate_round, _apply_blocks(inst, record, aggregate_round, state.global_arrays,
+                                              weight_sum=weight_sum, contributors=contributors)
+    decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
     scheme = scheme_for(inst.config)
     if scheme is None:
         total = decrypted
@@ -319,9 +320,11 @@ def _block_layout(inst: Institution) -> BlockLayout:
     return layout
 
 
-def _decrypt_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int) -> npt.NDArray[np.float64]:
-    """Decrypt an aggregate sent in blocks, block by block from the files the coordinator delivered, each checked
-    against the manifest's digest; only the decrypted values of the whole vector are held at once."""
+def _apply_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int, base: Arrays, *, weight_sum: float,
+                  contributors: int) -> Arrays:
+    """w_t = w_{t-1} + Dec(S) / sum_k a_k for an aggregate sent in blocks, block by block from the files the
+    coordinator delivered, each checked against the manifest's digest: besides the new model, only one block's
+    values are held at once."""
     assert inst.secret_context is not None
     layout = _block_layout(inst)
     try:
@@ -329,15 +332,25 @@ def _decrypt_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int
     except UpdateRejectedError as exc:
         raise FedqfError(f"the aggregate of round {aggregate_round}: {exc}") from exc
     files = _block_files(inst)
-    out = np.empty(layout.length, dtype=np.float64)
+    scheme = scheme_for(inst.config)
+    per_slot = scheme.values_per_slot if scheme is not None else 1
+    size = inst.layout.size
+    updated = [np.array(a, dtype=np.float32, copy=True) for a in base]
     for index in range(layout.blocks):
         vector = files.read(aggregate_name(aggregate_round), index)
         if block_digest(vector) != manifest.digests[index]:
             raise FedqfError(f"block {index} of the aggregate of round {aggregate_round} does not match its manifest's "
                              "digest (stale or corrupt); expected the coordinator to deliver it again")
         start, stop = layout.span(index)
-        out[start:stop] = decrypt(inst.secret_context, vector)
-    return out  # the files stay until a saved state holds this round (prune_blocks)
+        first, last = start * per_slot, min(stop * per_slot, size)
+        slots = decrypt(inst.secret_context, vector)
+        if scheme is None:
+            total = slots
+        else:
+            total = scheme.dequantize_sum(scheme.unpack(slots, last - first), contributors=contributors)
+        values = flat_slice(base, first, last).astype(np.float64) + total / weight_sum
+        flat_assign(updated, first, values.astype(np.float32))
+    return updated  # the files stay until a saved state holds this round (prune_blocks)
 
 
 def prune_blocks(inst: Institution, state: InstitutionState) -> None:
@@ -351,30 +364,39 @@ def prune_blocks(inst: Institution, state: InstitutionState) -> None:
         lambda name: (name > applied) if name.startswith("aggregate-") else (name == sent or not name.startswith("update-")))
 
 
-def _encrypt_in_blocks(inst: Institution, values: npt.NDArray[np.float64], bound: float, name: str,
-                       transform: Any = None, per_slot: int = 1) -> tuple[ArrayRecord, str, int]:
-    """Encrypt the slot values block by block into the institution's block files; the reply carries their
-    manifest. `transform` turns a block of values into slot values (quantize and pack) as it is encrypted, so
-    only one block of them and of its ciphertexts is held at once; slot i holds values [i * per_slot,
-    (i + 1) * per_slot). Returns (manifest, fingerprint, bytes)."""
+def _encrypt_in_blocks(inst: Institution, values_for: Any, bound: float, name: str,
+                       per_slot: int = 1) -> tuple[ArrayRecord, str, int]:
+    """Encrypt the update block by block into the institution's block files; the reply carries their manifest.
+    `values_for(first, last)` gives the slot values that hold the parameters [first, last) (slot i holds
+    [i * per_slot, (i + 1) * per_slot)), so only one block of values and of ciphertexts is held at once.
+    Returns (manifest, fingerprint, bytes)."""
     assert inst.secret_context is not None
     layout = _block_layout(inst)
     files = _block_files(inst)
+    size = inst.layout.size
     digests: list[bytes] = []
     nbytes = 0
     fingerprint = ""
     for index in range(layout.blocks):
         start, stop = layout.span(index)
-        if transform is None:
-            block = values[start:stop]
-        else:  # slot values [start, stop) hold the parameters [start * m, stop * m)
-            block = transform(values[start * per_slot : stop * per_slot], stop - start)
-        vector = encrypt(inst.secret_context, block, bound=bound)
+        block = values_for(start * per_slot, min(stop * per_slot, size))
+        vector = encrypt(inst.secret_context, block[: stop - start], bound=bound)
         files.write(name, index, vector)
         digests.append(block_digest(vector))
         nbytes += vector.nbytes
         fingerprint = vector.fingerprint
     return manifest_record(layout, fingerprint, digests), fingerprint, nbytes
+
+
+def _delta_norm(new: Arrays, old: Arrays, chunk: int = 1 << 22) -> float:
+    """||new - old||_2 over all arrays, in float64, a chunk of values at a time."""
+    squared = 0.0
+    for a, b in zip(new, old):
+        fa, fb = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        for i in range(0, fa.size, chunk):
+            d = fa[i : i + chunk].astype(np.float64) - fb[i : i + chunk].astype(np.float64)
+            squared += float(d @ d)
+    return float(np.sqrt(squared))
 
 
 def block_query(inst: Institution, state: InstitutionState, content: RecordDict) -> RecordDict:
@@ -574,32 +596,34 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         assert inst.secret_context is not None
         start = time.perf_counter()
         sa = config.secure_aggregation
-        delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
         scheme = scheme_for(config)
-        if blocked and scheme is None:
-            delta *= weight
-            out, fingerprint, nbytes = _encrypt_in_blocks(inst, delta, weight * sa.delta_clip,
-                                                          update_name(server_round, model_round))
-        elif blocked:
-            assert scheme is not None
-            if weight > 1.0:
+        if blocked:  # a block at a time: the delta is never held whole
+            norm = _delta_norm(result.arrays, global_arrays)
+            factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
+            if scheme is not None and weight > 1.0:
                 raise FedqfError(
                     f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
                     "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
                 )
             rng = _quantization_rng(config, inst.index, server_round)
 
-            def pack(values: npt.NDArray[np.float64], slots: int) -> npt.NDArray[np.float64]:
-                clipped = np.clip(values, -scheme.value_bound, scheme.value_bound)
-                packed = scheme.pack(scheme.quantize(weight * clipped, rng))
-                return packed[:slots]
+            def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
+                delta = (flat_slice(result.arrays, first, last).astype(np.float64)
+                         - flat_slice(global_arrays, first, last).astype(np.float64)) * factor
+                if scheme is None:
+                    return weight * delta
+                clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
+                return scheme.pack(scheme.quantize(weight * clipped, rng))
 
-            out, fingerprint, nbytes = _encrypt_in_blocks(inst, delta, scheme.slot_bound,
-                                                          update_name(server_round, model_round), transform=pack,
-                                                          per_slot=scheme.values_per_slot)
-        elif scheme is None:
-            encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * sa.delta_clip)
+            out, fingerprint, nbytes = _encrypt_in_blocks(
+                inst, values_for, scheme.slot_bound if scheme is not None else weight * sa.delta_clip,
+                update_name(server_round, model_round), per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
+            delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
+        if not blocked and scheme is None:
+            encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * sa.delta_clip)
+        elif not blocked:
+            assert scheme is not None
             if weight > 1.0:
                 raise FedqfError(
                     f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
