@@ -3,7 +3,9 @@ and lying institutions, an institution's side, and a whole simulation in blocks 
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +69,7 @@ def test_blocks_cover_the_vector_in_whole_ciphertexts(length: int, mib: float) -
     layout = BlockLayout.of(config, length)
     spans = [layout.span(i) for i in range(layout.blocks)]
     assert spans[0][0] == 0 and spans[-1][1] == length
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, no overlap
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous, no overlap
     assert all(start % SLOTS == 0 and 0 < stop - start <= layout.chunks_per_block * SLOTS for start, stop in spans)
     if mib == 0:
         assert layout.blocks == 1 and layout_for(config, length) is None
@@ -212,15 +214,22 @@ def test_the_coordinator_sums_block_by_block_and_drops_a_failing_or_lying_instit
     assert grid.requests.count((1, 3)) == 1 and (3, 3) not in grid.requests
 
 
-def test_an_institution_encrypts_sends_and_applies_an_update_in_blocks(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _blocked_institution(secret, directory: Path):  # type: ignore[no-untyped-def]
+    """An institution whose 8,450-parameter model (one real per slot) travels in 3 blocks of one ciphertext."""
     from fedqf.data import simulate_federation_data
-    from fedqf.institution import Institution, InstitutionState, handle, train_round
+    from fedqf.institution import Institution
 
-    secret, public = keys
     config = config_from_dict({"federation": {"institutions": 2, "seed": 3}, "privacy": {"mode": "none"},
                                "model": {"hidden": [256]}, "secure_aggregation": {"block_mib": 0.13}})
     data = simulate_federation_data(config.data, institutions=2, seed=3)
-    inst = Institution(config, data.institutions[0], "a", 0, secret, blocks_dir=tmp_path / "a")
+    return config, Institution(config, data.institutions[0], "a", 0, secret, blocks_dir=directory)
+
+
+def test_an_institution_encrypts_sends_and_applies_an_update_in_blocks(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedqf.institution import InstitutionState, handle, train_round
+
+    secret, public = keys
+    config, inst = _blocked_institution(secret, tmp_path / "a")
     layout = inst.layout
     blocks = layout_for(config, layout.size)
     assert blocks is not None and blocks.blocks > 2
@@ -279,8 +288,8 @@ def _simulate(out: Path, block_mib: float) -> dict:  # type: ignore[type-arg]
             "--set", "secure_aggregation.quantization_bits=6", "--set", "secure_aggregation.scale_bits=24",
             "--set", "secure_aggregation.weight_unit=200", "--set", "privacy.reproducible_noise=true",
             "--set", f"secure_aggregation.block_mib={block_mib}"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"summary": json.loads((out / "summary.json").read_text()), "stdout": done.stdout}
 
@@ -373,14 +382,10 @@ def test_delivery_sends_each_institution_what_it_lacks_and_again_after_a_failure
 
 
 def test_an_update_whose_reply_was_not_saved_is_never_handed_out(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fedqf.data import simulate_federation_data
-    from fedqf.institution import Institution, InstitutionState, handle, prune_blocks, train_round
+    from fedqf.institution import InstitutionState, handle, prune_blocks, train_round
 
     secret, _ = keys
-    config = config_from_dict({"federation": {"institutions": 2, "seed": 3}, "privacy": {"mode": "none"},
-                               "model": {"hidden": [256]}, "secure_aggregation": {"block_mib": 0.13}})
-    data = simulate_federation_data(config.data, institutions=2, seed=3)
-    inst = Institution(config, data.institutions[0], "a", 0, secret, blocks_dir=tmp_path / "a")
+    config, inst = _blocked_institution(secret, tmp_path / "a")
     text = dump_config(config)
     initial = ArrayRecord({n: _array(t) for n, t in inst.model().state_dict().items()})
     state = InstitutionState()
