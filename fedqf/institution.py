@@ -129,14 +129,14 @@ class InstitutionState:
     _reply_saved: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     # --- simulation: Flower's Context.state -------------------------------------------------------------
-    def to_records(self) -> dict[str, Any]:
+    def to_records(self, *, with_model: bool = True) -> dict[str, Any]:
         record = ConfigRecord({"round": self.model_round})
         if self.sent_blocks is not None:
             record["sent-blocks"] = list(self.sent_blocks)
         for key, value in self.ledger.to_state().items():
             record[f"ledger.{key}"] = value
         out: dict[str, Any] = {"fedqf.state": record}
-        if self.global_arrays is not None:
+        if with_model and self.global_arrays is not None:
             out["fedqf.global-model"] = ArrayRecord([np.asarray(a) for a in self.global_arrays])
         return out
 
@@ -775,9 +775,24 @@ def handle_simulated(
     inst = Institution(config, data, f"institution-{index}", index, secret,
                        blocks_dir=Path(work) / f"institution-{index}-blocks" if work else None)
     state = InstitutionState.from_records(state_records)
+    # The simulated institution's copy of the global model lives in the simulation's private work directory, not
+    # in Flower's Context: the contexts of every simulated institution share the coordinator's process.
+    model_file = Path(work) / f"institution-{index}-model.npz" if work else None
+    saved_round = [state.model_round]
+    if model_file is not None and state.global_arrays is None and model_file.exists():
+        with np.load(model_file) as archive:
+            state.global_arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]
 
     def persist(current: InstitutionState) -> None:
-        for key, value in current.to_records().items():
+        if model_file is not None and current.global_arrays is not None and (
+                current.model_round != saved_round[0] or not model_file.exists()):
+            import io
+
+            buffer = io.BytesIO()
+            np.savez(buffer, *current.global_arrays)
+            atomic_write_bytes(model_file, buffer.getvalue())
+            saved_round[0] = current.model_round
+        for key, value in current.to_records(with_model=model_file is None).items():
             state_records[key] = value
         prune_blocks(inst, current)
 

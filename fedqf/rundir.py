@@ -37,7 +37,7 @@ INSTITUTION_COLUMNS = (
 )
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview, *, mode: int = 0o644) -> None:
     """Write, fsync, then rename over `path`: a reader sees the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -134,8 +134,8 @@ class RunRecorder:
 
     def write_model(self, names: Sequence[str], arrays: Sequence[npt.NDArray[np.float32]]) -> None:
         buffer = io.BytesIO()
-        torch.save({n: torch.from_numpy(np.array(a)) for n, a in zip(names, arrays)}, buffer)
-        atomic_write_bytes(self.out_dir / "model.pt", buffer.getvalue())
+        torch.save({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in zip(names, arrays)}, buffer)
+        atomic_write_bytes(self.out_dir / "model.pt", buffer.getbuffer())  # no copy of a large model
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         clean = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in summary.items()}

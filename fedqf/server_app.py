@@ -184,7 +184,7 @@ def _final_evaluation(grid: Grid, recorder: ProgressRecorder, config_text: str, 
 
 
 def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, timeout: float, *,
-                         layout: ParameterLayout, in_blocks: int = 0) -> ArrayRecord:
+                         layout: ParameterLayout, in_blocks: int = 0) -> list[np.ndarray]:
     """Ask the institutions, one at a time, to release the final global model in plaintext; with `in_blocks`
     values per message, the model is then asked for block by block (no message holds all of it)."""
     for node_id in sorted(grid.get_node_ids()):
@@ -203,13 +203,14 @@ def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, time
                     return released
                 continue
             record = reply.content.get(ARRAYS)
-            if isinstance(record, ArrayRecord):
-                return record
+            if isinstance(record, ArrayRecord) and all(n in record for n in layout.names):
+                return [record[n].numpy() for n in layout.names]
+            log(WARNING, "institution %d released no complete model", node_id)
     raise FederationError("no institution released the final global model")
 
 
 def _release_in_blocks(grid: Grid, node_id: int, config_text: str, timeout: float, layout: ParameterLayout,
-                       per_block: int) -> ArrayRecord | None:
+                       per_block: int) -> list[np.ndarray] | None:
     flat = np.empty(layout.size, dtype=np.float32)
     for index, start in enumerate(range(0, layout.size, per_block)):
         stop = min(layout.size, start + per_block)
@@ -223,13 +224,13 @@ def _release_in_blocks(grid: Grid, node_id: int, config_text: str, timeout: floa
                 log(WARNING, "institution %d could not release block %d of the model: %s", node_id, index, reason)
                 return None
             flat[start:stop] = values
-    record = ArrayRecord()
+    weights = []  # views of the one flat buffer: no copy of the model
     start = 0
-    for name, shape in zip(layout.names, layout.shapes):
+    for shape in layout.shapes:
         n = int(np.prod(shape))
-        record[name] = Array(flat[start : start + n].reshape(shape))
+        weights.append(flat[start : start + n].reshape(shape))
         start += n
-    return record
+    return weights
 
 
 def _wait_for_institutions(grid: Grid, config: FederationConfig) -> None:
@@ -374,15 +375,15 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         recorder.record_round(row)
     rounds_completed = recorder.latest_round
 
-    final_arrays = recorder.latest_arrays
-    if final_arrays is None:  # no round completed: the initial model (built from the seed, not changed since)
-        final_arrays = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
-    if secure is SecureAggregationMode.CKKS and recorder.latest_arrays is not None:
-        final_arrays = _release_final_model(
+    names = list(layout.names)
+    if recorder.latest_arrays is None:  # no round completed: the initial model (built from the seed, not changed)
+        weights = [t.detach().numpy().copy() for t in model.state_dict().values()]
+    elif secure is SecureAggregationMode.CKKS:
+        weights = _release_final_model(
             grid, recorder.latest_arrays, config_text, config.federation.round_timeout, layout=layout,
             in_blocks=plain_values_per_block(config) if relay is not None else 0)
-    names = list(layout.names)
-    weights = [final_arrays[n].numpy() for n in names]
+    else:
+        weights = [recorder.latest_arrays[n].numpy() for n in names]
     set_arrays(model, weights)
     final_accuracy: float | None = None
     final_loss: float | None = None
