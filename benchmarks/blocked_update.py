@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from deployment_round_time import FEDQF, REPO, _check, _children_map, _wait_for_line, machine
+from deployment_round_time import FEDQF, REPO, _check, _children_map, _wait_for_line, machine, start_institution
 
 from fedqf.runtime import flower_environment, free_port, stop_process_group
 
@@ -181,13 +181,7 @@ def main() -> None:
         peaks.add(coordinator.pid)
         _wait_for_line(logs / "coordinator.log", "admitted", coordinator, timeout=120.0)
         for k in range(INSTITUTIONS):
-            with (logs / f"institution-{k}.log").open("wb") as handle:
-                process = subprocess.Popen(
-                    [FEDQF, "institution", str(federation), "--name", f"hospital-{k}", "--data",
-                     f"data/hospital-{k}.csv", "--context", "keys/institution.ckks", "--node-key", f"node{k}/node.key",
-                     "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}", "--state", f"state{k}"],
-                    cwd=work, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                )  # fmt: skip
+            process = start_institution(work, federation, k, port, env)
             processes.append(process)
             peaks.add(process.pid)
         coordinator.wait(timeout=args.timeout)

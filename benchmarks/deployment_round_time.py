@@ -169,6 +169,18 @@ class FedqfRun:
     stopped_reason: str = ""
 
 
+def start_institution(work: Path, federation: Path, k: int, port: int, env: dict[str, str],
+                      sets: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """`fedqf institution` for hospital-k of `prepare`'s material, logging to work/logs/institution-k.log."""
+    with (work / "logs" / f"institution-{k}.log").open("wb") as handle:
+        return subprocess.Popen(
+            [FEDQF, "institution", str(federation), "--name", f"hospital-{k}", "--data",
+             f"data/hospital-{k}.csv", "--context", "keys/institution.ckks", "--node-key", f"node{k}/node.key",
+             "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}", "--state", f"state{k}", *sets],
+            cwd=work, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+
+
 def run_fedqf(work: Path, *, institutions: int, overrides: Sequence[str], timeout: float = 900.0,
               sample_rss: bool = False) -> FedqfRun:
     """Coordinator plus `institutions` institution daemons on loopback; returns once the coordinator exits."""
@@ -196,13 +208,7 @@ def run_fedqf(work: Path, *, institutions: int, overrides: Sequence[str], timeou
         # `fedqf institution` exits instead of retrying (see RESULTS.md).
         _wait_for_line(logs / "coordinator.log", "admitted", coordinator, timeout=120.0)
         for k in range(institutions):
-            with (logs / f"institution-{k}.log").open("wb") as handle:
-                process = subprocess.Popen(
-                    [FEDQF, "institution", str(FEDERATION), "--name", f"hospital-{k}", "--data",
-                     f"data/hospital-{k}.csv", "--context", "keys/institution.ckks", "--node-key", f"node{k}/node.key",
-                     "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}", "--state", f"state{k}", *sets],
-                    cwd=work, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                )  # fmt: skip
+            process = start_institution(work, FEDERATION, k, port, env, sets)
             processes.append(process)
             sampler.watch(f"hospital-{k}", process.pid)
         if sample_rss:
