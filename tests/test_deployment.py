@@ -515,3 +515,44 @@ def test_coordinator_continues_by_itself_when_its_serverapp_dies(material: Path)
     rows = read_csv(out / "institutions.csv")
     ok = [(r["institution"], r["round"]) for r in rows if r["status"] == "ok"]
     assert len(ok) == len(set(ok)) and {n for n, _ in ok} == {"hospital-0", "hospital-1", "hospital-2"}
+
+
+def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> None:
+    """Two daemons, a 74k-parameter model whose encrypted update is 19 ciphertexts, blocks of 4: the institutions
+    encrypt into block files in their state directories, the coordinator sums block by block through the SuperLink,
+    delivers the aggregate in blocks, and one institution releases the final model in blocks."""
+    overrides = ["--set", "federation.institutions=2", "--set", "federation.rounds=2", "--set", "model.hidden=[256,256]",
+                 "--set", "secure_aggregation.block_mib=0.5"]
+    port = free_port()
+    out = material / "blocks-run"
+    coordinator = start(["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
+                         "keys/coordinator.ckks", *[a for i in range(2) for a in ("--node-key", f"node{i}/node.pub")],
+                         "--address", f"127.0.0.1:{port}", "--health", "", "--out", str(out)],
+                        material, material / "blocks-coordinator.log")
+    institutions = [start(["institution", str(FEDERATION), *overrides, "--name", f"hospital-{i}", "--data",
+                           f"data/hospital-{i}.csv", "--context", "keys/institution.ckks", "--node-key",
+                           f"node{i}/node.key", "--ca", "certs/ca.crt", "--superlink", f"127.0.0.1:{port}",
+                           "--state", f"blocks-state{i}"], material, material / f"blocks-institution{i}.log")
+                    for i in range(2)]
+    try:
+        assert coordinator.wait(timeout=600) == 0, (material / "blocks-coordinator.log").read_text()[-3000:]
+    finally:
+        kill(coordinator)
+        for process in institutions:
+            kill(process)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["ckks"]["blocks"] == 5
+    assert summary["final_accuracy"] >= 0.85
+    rows = read_csv(out / "institutions.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    log = (material / "blocks-coordinator.log").read_text()
+    assert "travel in 5 blocks" in log and "aggregate of round 1 sent in 5 blocks to 2 institution(s)" in log
+    for i in range(2):  # each daemon keeps only the update it sent last, in its own state directory, 0600
+        files = list((material / f"blocks-state{i}" / "blocks").iterdir())
+        assert files and all(p.name.startswith(("update-000002-", "aggregate-")) for p in files)
+        assert any(p.name.startswith("update-000002-") for p in files)
+        assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in files)
+    import torch
+
+    weights = torch.load(out / "model.pt")
+    assert sum(t.numel() for t in weights.values()) == 30 * 256 + 256 + 256 * 256 + 256 + 256 * 2 + 2
