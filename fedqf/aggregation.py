@@ -20,7 +20,7 @@ from flwr.common.logger import log
 
 from fedqf.blocks import BlockRelay, Manifest, block_digest, manifest_record, read_block, read_manifest
 from fedqf.config import FederationConfig, SecureAggregationMode
-from fedqf.crypto import CkksParameters, EncryptedSum
+from fedqf.crypto import EncryptedSum
 from fedqf.errors import FederationError, FedqfError, UpdateRejectedError
 from fedqf.model import ParameterLayout
 from fedqf.protocol import (
@@ -209,7 +209,8 @@ def aggregate_train_replies(
     running: EncryptedSum | None = None
     weight_sum = 0.0
     manifests: dict[int, tuple[Manifest, float]] = {}
-    if setup.mode is SecureAggregationMode.CKKS:
+    ckks = setup.mode is SecureAggregationMode.CKKS
+    if ckks and setup.relay is None:  # in blocks, each block gets a running sum of its own (_sum_blocks)
         assert setup.public_context is not None
         running = EncryptedSum(setup.public_context, length=setup.expected_length, fingerprint=setup.fingerprint)
     for message in replies:
@@ -219,7 +220,7 @@ def aggregate_train_replies(
                 if setup.max_update_bytes > 0:
                     _check_size(message, setup)  # first: an oversized update is not decoded at all
                 weight = _check_weight(report)
-                if running is not None:
+                if ckks:
                     record = message.content.get(ARRAYS)
                     if not isinstance(record, ArrayRecord):
                         raise UpdateRejectedError("the update holds no ArrayRecord 'arrays'")
@@ -227,6 +228,7 @@ def aggregate_train_replies(
                         manifests[report.node_id] = (read_manifest(record, setup.relay.layout, setup.fingerprint),
                                                      weight)
                     else:
+                        assert running is not None
                         running.add(record_to_encrypted(record))
                 else:
                     _check_plain_update(message, setup.layout)
@@ -235,7 +237,7 @@ def aggregate_train_replies(
                 weight_sum += weight
                 # Under CKKS the update now lives in the running sum: keep the reply without its ciphertexts, or
                 # the coordinator would hold every institution's update until the round ends.
-                accepted.append(remove_content_from_message(message) if running is not None else message)
+                accepted.append(remove_content_from_message(message) if ckks else message)
             except FedqfError as exc:
                 report = report.rejected(str(exc))
         if report.status is not ReplyStatus.OK:
@@ -243,20 +245,17 @@ def aggregate_train_replies(
         reports.append(report)
     digests: list[bytes] = []
     if setup.relay is not None:
+        if manifests:
+            dropped, digests = _sum_blocks(server_round, manifests, setup, setup.relay)
+            weight_sum -= sum(manifests[node][1] for node in dropped)
+            accepted = [m for m in accepted if int(m.metadata.src_node_id) not in dropped]
+            for i, r in enumerate(reports):
+                if r.node_id in dropped:
+                    reports[i] = r = r.with_status(*dropped[r.node_id])
+                    log(WARNING, "round %d: institution %s %s: %s", server_round, r.label, r.status.value, r.reason)
         for r in reports:  # an institution that failed may have lost its aggregates: deliver them again next time
             if r.status is not ReplyStatus.OK:
                 setup.relay.forget(r.node_id)
-    if setup.relay is not None and manifests:
-        dropped, digests = _sum_blocks(server_round, manifests, setup, setup.relay)
-        if dropped:
-            weight_sum -= sum(manifests[node][1] for node in dropped)
-            accepted = [m for m in accepted if int(m.metadata.src_node_id) not in dropped]
-            reports = [r.with_status(*dropped[r.node_id]) if r.node_id in dropped and r.status is ReplyStatus.OK
-                       else r for r in reports]
-            for r in reports:
-                if r.node_id in dropped:
-                    setup.relay.forget(r.node_id)
-                    log(WARNING, "round %d: institution %s %s: %s", server_round, r.label, r.status.value, r.reason)
     if setup.observer is not None:
         setup.observer.record_train(server_round, reports)
         validation = validation_from_reports(server_round - 1, reports)
@@ -268,7 +267,7 @@ def aggregate_train_replies(
         return TrainAggregate(None, None, (), tuple(reports))
     metrics = _weighted_train_metrics(ok_reports)
     arrays: ArrayRecord | None = None
-    if running is not None:
+    if ckks:
         extra = {
             AGGREGATE_ROUND: np.array([server_round], dtype=np.int64),
             WEIGHT_SUM: np.array([weight_sum], dtype=np.float64),
@@ -277,6 +276,7 @@ def aggregate_train_replies(
         if setup.relay is not None:
             arrays = manifest_record(setup.relay.layout, setup.fingerprint, digests, extra=extra)
         else:
+            assert running is not None
             arrays = encrypted_to_record(running.result(), extra=extra)
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
 
@@ -295,17 +295,16 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
         members = [node for node in sorted(manifests) if node not in dropped]
         if not members:
             return dropped, []
-        restart = False
         digests: list[bytes] = []
         for index in range(relay.layout.blocks):
             start, stop = relay.layout.span(index)
             running = EncryptedSum(setup.public_context, length=stop - start, fingerprint=setup.fingerprint)
-            seen: set[tuple[int, int]] = set()
+            seen: set[int] = set()
             for reply in relay.fetch(server_round, members, index):
                 node = int(reply.metadata.src_node_id)
-                if node not in members or node in dropped or (node, index) in seen:
+                if node not in members or node in dropped or node in seen:
                     continue
-                seen.add((node, index))
+                seen.add(node)
                 try:
                     if reply.has_error():
                         dropped[node] = (ReplyStatus.FAILED, f"block {index} did not arrive: {reply.error.reason}")
@@ -319,19 +318,18 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
                 except FedqfError as exc:
                     dropped[node] = (ReplyStatus.REJECTED, str(exc))
             for node in members:  # an institution that sent no reply for this block is left out too
-                if node not in dropped and (node, index) not in seen:
+                if node not in seen:
                     dropped[node] = (ReplyStatus.FAILED, f"no reply for block {index}")
-            if any(node in dropped for node in members):
-                left = [n for n in members if n in dropped]
+            left = [node for node in members if node in dropped]
+            if left:
                 log(WARNING, "round %d: block %d failed at institution(s) %s; summing the blocks again without them",
                     server_round, index, ", ".join(map(str, left)))
-                restart = True
                 break
             total = running.result()
             relay.save_sum(server_round, index, total)
             digests.append(block_digest(total))
             del running, total
-        if not restart:
+        else:
             log(INFO, "round %d: %d institutions' updates summed in %d blocks", server_round, len(members),
                 relay.layout.blocks)
             return dropped, digests
@@ -340,10 +338,7 @@ def _sum_blocks(server_round: int, manifests: dict[int, tuple[Manifest, float]],
 def block_size_limit(setup: AggregationSetup, relay: BlockRelay) -> int:
     """The largest block reply accepted: twice the uncompressed ciphertexts of one block, plus margin, and never
     more than the update size limit."""
-    assert setup.public_context is not None
-    params = CkksParameters.from_context(setup.public_context)
-    ciphertext = 2 * params.poly_modulus_degree * max(len(params.coeff_mod_bit_sizes) - 1, 1) * 8
-    limit = 2 * relay.layout.chunks_per_block * ciphertext + SIZE_MARGIN
+    limit = 2 * relay.layout.chunks_per_block * relay.layout.ciphertext_bytes + SIZE_MARGIN
     return min(limit, setup.max_update_bytes) if setup.max_update_bytes > 0 else limit
 
 

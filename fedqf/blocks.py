@@ -68,6 +68,7 @@ class BlockLayout:
     length: int
     slots: int
     chunks_per_block: int
+    ciphertext_bytes: int = 0  # one uncompressed ciphertext: 2 polynomials of N coefficients over the data primes
 
     @property
     def chunks(self) -> int:
@@ -97,7 +98,8 @@ class BlockLayout:
         ciphertext = 2 * sa.poly_modulus_degree * max(len(sa.coeff_mod_bit_sizes) - 1, 1) * 8
         chunks = -(-length // slots)
         per_block = chunks if sa.block_mib <= 0 else max(1, int(sa.block_mib * 1024 * 1024) // ciphertext)
-        return cls(length=length, slots=slots, chunks_per_block=max(1, min(per_block, chunks)))
+        return cls(length=length, slots=slots, chunks_per_block=max(1, min(per_block, chunks)),
+                   ciphertext_bytes=ciphertext)
 
 
 def layout_for(config: FederationConfig, length: int) -> BlockLayout | None:

@@ -50,7 +50,7 @@ from fedqf.crypto import decrypt, encrypt, key_fingerprint
 from fedqf.data import InstitutionData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
-from fedqf.packing import scheme_for
+from fedqf.packing import PackingScheme, scheme_for
 from fedqf.privacy import PrivacyLedger, PrivacyPlan, plan_for
 from fedqf.protocol import (
     AGGREGATE_ROUND,
@@ -159,11 +159,7 @@ class InstitutionState:
         """Persist atomically: the model first, then the ledger and round that refer to it."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.global_arrays is not None:
-            import io
-
-            buffer = io.BytesIO()
-            np.savez(buffer, *self.global_arrays)
-            atomic_write_bytes(directory / "global-model.npz", buffer.getvalue())
+            save_arrays(directory / "global-model.npz", self.global_arrays)
         payload: dict[str, Any] = {"round": self.model_round, "ledger": self.ledger.to_state()}
         if self.spent_round is not None:
             payload["spent-round"] = list(self.spent_round)
@@ -198,8 +194,7 @@ class InstitutionState:
             model_round = int(payload["round"])
             arrays: Arrays | None = None
             if (directory / "global-model.npz").exists():
-                with np.load(directory / "global-model.npz") as archive:
-                    arrays = [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
+                arrays = load_arrays(directory / "global-model.npz")
             spent = payload.get("spent-round")
             spent_round = (int(spent[0]), int(spent[1])) if spent is not None else None
             sent = payload.get("sent-blocks")
@@ -220,6 +215,20 @@ class InstitutionState:
                 "forget the privacy budget already spent"
             ) from exc
         return cls(model_round, arrays, ledger, last_update, spent_round, sent_blocks)
+
+
+def save_arrays(path: Path, arrays: Arrays) -> None:
+    """The model's arrays, in order, to an .npz file (write, fsync, rename)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def load_arrays(path: Path) -> Arrays:
+    with np.load(path) as archive:
+        return [archive[f"arr_{i}"].astype(np.float32) for i in range(len(archive.files))]
 
 
 @functools.lru_cache(maxsize=8)
@@ -597,43 +606,28 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         start = time.perf_counter()
         sa = config.secure_aggregation
         scheme = scheme_for(config)
+        if scheme is not None and weight > 1.0:
+            raise FedqfError(
+                f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
+                "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
+            )
+        rng = _quantization_rng(config, inst.index, server_round)
+        bound = scheme.slot_bound if scheme is not None else weight * sa.delta_clip
         if blocked:  # a block at a time: the delta is never held whole
             norm = _delta_norm(result.arrays, global_arrays)
             factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
-            if scheme is not None and weight > 1.0:
-                raise FedqfError(
-                    f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
-                    "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
-                )
-            rng = _quantization_rng(config, inst.index, server_round)
 
             def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
                 delta = (flat_slice(result.arrays, first, last).astype(np.float64)
                          - flat_slice(global_arrays, first, last).astype(np.float64)) * factor
-                if scheme is None:
-                    return weight * delta
-                clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
-                return scheme.pack(scheme.quantize(weight * clipped, rng))
+                return _slot_values(delta, weight, scheme, rng)
 
             out, fingerprint, nbytes = _encrypt_in_blocks(
-                inst, values_for, scheme.slot_bound if scheme is not None else weight * sa.delta_clip,
-                update_name(server_round, model_round), per_slot=scheme.values_per_slot if scheme is not None else 1)
+                inst, values_for, bound, update_name(server_round, model_round),
+                per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
             delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
-        if not blocked and scheme is None:
-            encrypted = encrypt(inst.secret_context, weight * delta, bound=weight * sa.delta_clip)
-        elif not blocked:
-            assert scheme is not None
-            if weight > 1.0:
-                raise FedqfError(
-                    f"{len(train_data)} training records exceed secure_aggregation.weight_unit ({sa.weight_unit}): "
-                    "packed updates need weights <= 1; expected a weight_unit >= the largest institution"
-                )
-            # Each coordinate within +-R, and weight <= 1 keeps weight * delta there too.
-            clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
-            quantized = scheme.quantize(weight * clipped, _quantization_rng(config, inst.index, server_round))
-            encrypted = encrypt(inst.secret_context, scheme.pack(quantized), bound=scheme.slot_bound)
-        if not blocked:
+            encrypted = encrypt(inst.secret_context, _slot_values(delta, weight, scheme, rng), bound=bound)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start
@@ -661,6 +655,16 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
                 _block_files(inst).remove(lambda other: other != name)
             raise
     return reply
+
+
+def _slot_values(delta: npt.NDArray[np.float64], weight: float, scheme: PackingScheme | None,
+                 rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    """What is encrypted for a (clipped) delta: a_k * delta, or, packed, each value clipped to +-R (weight <= 1
+    keeps a_k * delta there too), quantized and packed several per slot."""
+    if scheme is None:
+        return weight * delta
+    clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
+    return scheme.pack(scheme.quantize(weight * clipped, rng))
 
 
 def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:
@@ -780,17 +784,12 @@ def handle_simulated(
     model_file = Path(work) / f"institution-{index}-model.npz" if work else None
     saved_round = [state.model_round]
     if model_file is not None and state.global_arrays is None and model_file.exists():
-        with np.load(model_file) as archive:
-            state.global_arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+        state.global_arrays = load_arrays(model_file)
 
     def persist(current: InstitutionState) -> None:
         if model_file is not None and current.global_arrays is not None and (
                 current.model_round != saved_round[0] or not model_file.exists()):
-            import io
-
-            buffer = io.BytesIO()
-            np.savez(buffer, *current.global_arrays)
-            atomic_write_bytes(model_file, buffer.getvalue())
+            save_arrays(model_file, current.global_arrays)
             saved_round[0] = current.model_round
         for key, value in current.to_records(with_model=model_file is None).items():
             state_records[key] = value

@@ -153,14 +153,15 @@ class ParameterLayout:
             return np.zeros(0)
         return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
 
-    def unflatten(self, vector: npt.NDArray[np.float64]) -> list[npt.NDArray[np.float32]]:
+    def unflatten(self, vector: npt.NDArray[np.floating]) -> list[npt.NDArray[np.float32]]:
+        """Cut a vector in layout order into float32 arrays (views of it when it is float32 already)."""
         if vector.shape != (self.size,):
             raise UpdateRejectedError(f"expected a vector of {self.size} values, got shape {vector.shape}")
         out: list[npt.NDArray[np.float32]] = []
         start = 0
         for shape in self.shapes:
             n = int(np.prod(shape))
-            out.append(vector[start : start + n].reshape(shape).astype(np.float32))
+            out.append(vector[start : start + n].reshape(shape).astype(np.float32, copy=False))
             start += n
         return out
 

@@ -224,13 +224,7 @@ def _release_in_blocks(grid: Grid, node_id: int, config_text: str, timeout: floa
                 log(WARNING, "institution %d could not release block %d of the model: %s", node_id, index, reason)
                 return None
             flat[start:stop] = values
-    weights = []  # views of the one flat buffer: no copy of the model
-    start = 0
-    for shape in layout.shapes:
-        n = int(np.prod(shape))
-        weights.append(flat[start : start + n].reshape(shape))
-        start += n
-    return weights
+    return layout.unflatten(flat)  # views of the one flat buffer: no copy of the model
 
 
 def _wait_for_institutions(grid: Grid, config: FederationConfig) -> None:
@@ -265,7 +259,8 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
     scheme = scheme_for(config)
     config_text = dump_config(config)
     digest = config_digest(config_text)
-    blocks = layout_for(config, scheme.slots_needed(layout.size) if scheme is not None else layout.size)
+    encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
+    blocks = layout_for(config, encrypted_length or layout.size)
     if blocks is None:
         initial = ArrayRecord({n: Array(t.detach().numpy().copy()) for n, t in model.state_dict().items()})
     else:  # every institution builds the initial model from the seed; the coordinator sends only its digest
@@ -280,7 +275,6 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         pending_rows.extend(checkpoint.rows)
         started -= checkpoint.wall_seconds  # wall_seconds counts every start's running time, not the downtime
         log(INFO, "fedqf: resuming after round %d of %d", offset, config.federation.rounds)
-    encrypted_length = scheme.slots_needed(layout.size) if scheme is not None else 0
     relay: BlockRelay | None = None
     if blocks is not None:
         # Updates travel in blocks; the summed blocks live beside the checkpoint, for catch-up and resume.
