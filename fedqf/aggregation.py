@@ -111,17 +111,19 @@ def update_size_limit(config: FederationConfig, layout: ParameterLayout, encrypt
     """The largest update the coordinator accepts: `federation.max_update_bytes`, or, when that is 0,
     2 * B + 64 KiB where B bounds a well-formed update of this model.
 
-    Plaintext: B = 4 * P bytes (P float32 parameters). CKKS: B = C * 2 * N * L * 8, with C = ceil(S / (N/2))
-    ciphertexts for S slot values (the model size, or its packed slot count `encrypted_length`), each of two
-    polynomials of N coefficients over L <= len(coeff_mod_bit_sizes) primes of 8 bytes: the uncompressed size.
+    Plaintext: B = 4 * P bytes (P float32 parameters). CKKS: B = C * (N * L * 8 + 128), with C = ceil(S / N)
+    ciphertexts for S encoded values (the model size, or its packed count `encrypted_length`), each an
+    institution's secret-key ciphertext: one polynomial of N coefficients over the L data primes, 8 bytes each,
+    uncompressed, plus its seed and SEAL's header. Twice that also admits a public-key ciphertext (two
+    polynomials).
     """
     if config.federation.max_update_bytes:
         return config.federation.max_update_bytes
     sa = config.secure_aggregation
     if sa.mode is SecureAggregationMode.CKKS:
-        slots = sa.poly_modulus_degree // 2
-        chunks = -(-(encrypted_length or layout.size) // slots)
-        expected = chunks * 2 * sa.poly_modulus_degree * len(sa.coeff_mod_bit_sizes) * 8
+        chunks = -(-(encrypted_length or layout.size) // sa.poly_modulus_degree)
+        data_primes = max(len(sa.coeff_mod_bit_sizes) - 1, 1)
+        expected = chunks * (sa.poly_modulus_degree * data_primes * 8 + 128)
     else:
         expected = 4 * layout.size
     return 2 * expected + SIZE_MARGIN

@@ -62,17 +62,17 @@ _MAGIC = b"FQB1"
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """How an encrypted vector of `length` slot values, `slots` per ciphertext, is cut into blocks of
+    """How an encrypted vector of `length` encoded values, `per_chunk` per ciphertext, is cut into blocks of
     `chunks_per_block` ciphertexts."""
 
     length: int
-    slots: int
+    per_chunk: int
     chunks_per_block: int
     ciphertext_bytes: int = 0  # one uncompressed ciphertext: 2 polynomials of N coefficients over the data primes
 
     @property
     def chunks(self) -> int:
-        return -(-self.length // self.slots)
+        return -(-self.length // self.per_chunk)
 
     @property
     def blocks(self) -> int:
@@ -83,22 +83,21 @@ class BlockLayout:
         return self.blocks > 1
 
     def span(self, index: int) -> tuple[int, int]:
-        """The slot values [start, stop) of block `index`."""
+        """The encoded values [start, stop) of block `index`."""
         if not 0 <= index < self.blocks:
             raise FedqfError(f"block {index} does not exist; the vector has blocks 0..{self.blocks - 1}")
-        start = index * self.chunks_per_block * self.slots
-        return start, min(self.length, start + self.chunks_per_block * self.slots)
+        start = index * self.chunks_per_block * self.per_chunk
+        return start, min(self.length, start + self.chunks_per_block * self.per_chunk)
 
     @classmethod
     def of(cls, config: FederationConfig, length: int) -> BlockLayout:
         """The layout both sides derive from the federation: blocks of at most `secure_aggregation.block_mib` of
         uncompressed ciphertext (2 polynomials of N coefficients over the data primes, 8 bytes each)."""
         sa = config.secure_aggregation
-        slots = sa.poly_modulus_degree // 2
         ciphertext = 2 * sa.poly_modulus_degree * max(len(sa.coeff_mod_bit_sizes) - 1, 1) * 8
-        chunks = -(-length // slots)
+        chunks = -(-length // sa.poly_modulus_degree)  # N values per ciphertext, two per complex slot
         per_block = chunks if sa.block_mib <= 0 else max(1, int(sa.block_mib * 1024 * 1024) // ciphertext)
-        return cls(length=length, slots=slots, chunks_per_block=max(1, min(per_block, chunks)),
+        return cls(length=length, per_chunk=sa.poly_modulus_degree, chunks_per_block=max(1, min(per_block, chunks)),
                    ciphertext_bytes=ciphertext)
 
 

@@ -8,19 +8,23 @@ sum_k a_k * d_k up to ``aggregation_tolerance``, provided ``check_sum_range`` he
 Why addition only changes the parameters: no ciphertext is ever multiplied or rescaled, so the modulus chain needs
 exactly one data prime q_0 (decryption happens at the top level, where the modulus is q_0) plus the special prime
 that SEAL requires for key switching. A second data prime (the usual ``(60, 40, 60)``) only serves one rescale after
-a multiplication; here it would double every ciphertext (64 instead of 32 bytes per parameter) for nothing.
+a multiplication; here it would double every ciphertext (32 instead of 16 bytes per value, 8 for an institution's
+secret-key ciphertext, whose second polynomial travels as a seed) for nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import os
+import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 from numpy.typing import NDArray
 
 from fedqf.errors import CryptoError, FederationError, UpdateRejectedError
@@ -112,8 +116,13 @@ class CkksParameters:
 
     @property
     def slots(self) -> int:
-        """Real values one ciphertext holds: N / 2."""
+        """Complex slots of one ciphertext: N / 2."""
         return self.poly_modulus_degree // 2
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """Real values one ciphertext holds: N, two per complex slot (its real and imaginary parts)."""
+        return self.poly_modulus_degree
 
     @property
     def security_bits(self) -> int:
@@ -133,13 +142,14 @@ class CkksParameters:
         keeps the top level; with a longer chain the modulus is larger, so q_0 is the conservative case), and
         decoding is right only if its canonical-embedding norm stays below q_0 / 2, otherwise it wraps around to
         the other sign. A b_0-bit prime has q_0 >= 2^(b_0 - 1), so the condition holds when
-        Delta*|x| + |e| < 2^(b_0 - 2). The noise |e| of a sum of a thousand fresh ciphertexts stays below 2^30 (see
-        ``aggregation_tolerance``), tiny against 2^(b_0 - 2), but one more bit is kept as margin for it and for
-        floating-point rounding in the encoder:
+        Delta*|z| + |e| < 2^(b_0 - 2) for every slot z. Two real coordinates share a complex slot z = x_{2j} +
+        i*x_{2j+1}, so |z| <= sqrt(2)*|x|max. The noise |e| of a sum of a thousand fresh ciphertexts stays below
+        2^30 (see ``aggregation_tolerance``), tiny against 2^(b_0 - 2), but one more bit is kept as margin for it
+        and for floating-point rounding in the encoder:
 
-            max_abs_value = 2^(b_0 - 2 - 1 - s)      (= 2^17 = 131072 for b_0 = 60, s = 40).
+            max_abs_value = 2^(b_0 - 2 - 1 - s) / sqrt(2)      (= 2^16.5 = 92682 for b_0 = 60, s = 40).
         """
-        return 2.0 ** (self.coeff_mod_bit_sizes[0] - 2 - _RANGE_MARGIN_BITS - self.global_scale_bits)
+        return 2.0 ** (self.coeff_mod_bit_sizes[0] - 2 - _RANGE_MARGIN_BITS - self.global_scale_bits) / math.sqrt(2.0)
 
     @classmethod
     def from_context(cls, ctx: ts.Context) -> CkksParameters:
@@ -289,8 +299,8 @@ def key_fingerprint(ctx: ts.Context) -> str:
 
 @dataclass(frozen=True)
 class EncryptedVector:
-    """A real vector of ``length`` values encrypted in ``len(chunks)`` serialized CKKS ciphertexts of N/2 slots each
-    (the last one may be shorter), under the key named by ``fingerprint``.
+    """A real vector of ``length`` values encrypted in ``len(chunks)`` serialized CKKS ciphertexts of N values each,
+    two per complex slot (the last one may be shorter), under the key named by ``fingerprint``.
 
     Raises:
         UpdateRejectedError: a field has the wrong type (chunks not a tuple of bytes, length not a non-negative
@@ -321,52 +331,119 @@ def _is_fingerprint(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(ch in "0123456789abcdef" for ch in value)
 
 
-def _chunk_lengths(length: int, slots: int) -> list[int]:
-    return [min(slots, length - start) for start in range(0, length, slots)]
+def _chunk_lengths(length: int, per_chunk: int) -> list[int]:
+    return [min(per_chunk, length - start) for start in range(0, length, per_chunk)]
 
 
-# TenSEALContextProto field 4 (encryption_type), as a protobuf varint field: tag (4 << 3 | 0), then the value.
-_SYMMETRIC_FIELD: Final[bytes] = bytes([4 << 3, int(ts.ENCRYPTION_TYPE.SYMMETRIC.value)])
+def _slots_for(values: int) -> int:
+    """Complex slots that hold ``values`` reals, two per slot."""
+    return -(-values // 2)
 
 
-def _encryptor(ctx: ts.Context) -> ts.Context:
-    """The context to encrypt with: for a context holding the secret key, its symmetric twin (same keys).
+# TenSEAL's CKKSVectorProto (tenseal/proto/tensors.proto): field 1 `sizes` (packed uint32), field 2 `ciphertexts`
+# (bytes, a SEAL-serialized ciphertext), field 3 `scale` (double). A chunk on the wire is one such message, so the
+# coordinator loads it with TenSEAL, in memory, whatever made it.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
-    SEAL's secret-key encryption is RLWE encryption as well, as secure as the public-key one, about twice as fast
-    (1.3 against 2.6 ms per N = 8192 ciphertext on the 2-core CI machine), and its fresh noise is smaller (the
-    tolerance of ``aggregation_tolerance``, derived for public-key noise, bounds it). Its ciphertexts are ordinary
-    ciphertexts that the coordinator adds to others under the public context. TenSEAL fixes the encryption type
-    when a context is made, so the twin is the serialized context with the type set to symmetric (a later
-    protobuf field overrides an earlier one). The twin is checked once by a round trip; if TenSEAL ever refuses it,
-    encryption stays public-key.
+
+def _vector_message(ciphertext: bytes, slots: int, scale: float) -> bytes:
+    sizes = _varint(slots)
+    return b"".join((b"\x0a", _varint(len(sizes)), sizes, b"\x12", _varint(len(ciphertext)), ciphertext,
+                     b"\x19", struct.pack("<d", scale)))
+
+
+class _Seal:
+    """SEAL's encoder, encryptor and decryptor for one TenSEAL context (cached on it, see ``_seal``).
+
+    fedqf encodes two reals per complex slot, N per ciphertext (TenSEAL's CKKSVector encodes N/2 reals, one per
+    slot, and leaves the imaginary parts empty), and an institution, which holds the secret key, encrypts with
+    SEAL's secret-key RLWE encryption, which is as secure as the public-key one and sends a ciphertext as its first
+    polynomial plus the 64-byte seed the second is drawn from (``Encryptor::encrypt_symmetric`` returning a
+    ``Serializable``): half the bytes. Whoever loads it (SEAL's ``Ciphertext::load``) expands the seed. SEAL saves
+    only to a stream, which TenSEAL's binding opens by path, so each thread saves into an anonymous in-memory file
+    of its own (``memfd_create``), or, where there is none, a private temporary file.
     """
-    cached = getattr(ctx, "_fedqf_encryptor", None)
-    if cached is not None:
-        return cached
-    chosen = ctx
-    if ctx.is_private():
-        try:
-            blob = ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False,
-                                 save_relin_keys=False)
-            twin = ts.context_from(blob + _SYMMETRIC_FIELD)
-            probe = np.linspace(-1.0, 1.0, 8)
-            back = np.asarray(ts.ckks_vector_from(ctx, ts.ckks_vector(twin, probe).serialize()).decrypt())
-            if np.abs(back - probe).max() < 1e-3:
-                chosen = twin
-        except (RuntimeError, TypeError, ValueError):
-            chosen = ctx
-    ctx._fedqf_encryptor = chosen
-    return chosen
+
+    def __init__(self, ctx: ts.Context) -> None:
+        self.context = ctx.seal_context().data
+        self.encoder = sealapi.CKKSEncoder(self.context)
+        self.scale = float(ctx.global_scale)
+        self.symmetric = bool(ctx.is_private())
+        key = ctx.secret_key().data if self.symmetric else ctx.public_key().data
+        self.encryptor = sealapi.Encryptor(self.context, key)
+        self.decryptor = sealapi.Decryptor(self.context, ctx.secret_key().data) if self.symmetric else None
+
+    def encrypt(self, values: NDArray[np.float64]) -> bytes:
+        slots = _slots_for(values.size)
+        packed = np.zeros(slots, dtype=np.complex128)
+        packed.real = values[0::2]
+        packed.imag[: values.size // 2] = values[1::2]
+        plain = sealapi.Plaintext()
+        self.encoder.encode(packed.tolist(), self.scale, plain)
+        path = _scratch_path()
+        if self.symmetric:
+            self.encryptor.encrypt_symmetric(plain).save(path)
+        else:
+            ct = sealapi.Ciphertext()
+            self.encryptor.encrypt(plain, ct)
+            ct.save(path)
+        return _vector_message(_read_scratch(), slots, self.scale)
+
+    def decrypt(self, vector: ts.CKKSVector, values: int) -> NDArray[np.float64]:
+        assert self.decryptor is not None
+        plain = sealapi.Plaintext()
+        self.decryptor.decrypt(vector.ciphertext()[0], plain)
+        slots = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)[: _slots_for(values)]
+        out = np.empty(2 * slots.size, dtype=np.float64)
+        out[0::2] = slots.real
+        out[1::2] = slots.imag
+        return out[:values]
+
+
+def _seal(ctx: ts.Context) -> _Seal:
+    cached = getattr(ctx, "_fedqf_seal", None)
+    if cached is None:
+        cached = _Seal(ctx)
+        ctx._fedqf_seal = cached
+    return cached
+
+
+_scratch = threading.local()
+
+
+def _scratch_path() -> str:
+    if getattr(_scratch, "pid", None) != os.getpid():  # a fork gets files of its own
+        if hasattr(os, "memfd_create"):
+            _scratch.fd = os.memfd_create("fedqf-ciphertext", os.MFD_CLOEXEC)
+            _scratch.path = f"/proc/self/fd/{_scratch.fd}"
+        else:  # pragma: no cover - Linux has memfd_create
+            import tempfile
+
+            _scratch.fd, _scratch.path = tempfile.mkstemp(prefix="fedqf-ciphertext-")
+        _scratch.pid = os.getpid()
+    path: str = _scratch.path
+    return path
+
+
+def _read_scratch() -> bytes:
+    fd: int = _scratch.fd
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0)
 
 
 def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> EncryptedVector:
-    """Encrypt a 1-D real vector x with |x_i| <= bound into ceil(len(x) / (N/2)) ciphertexts: under the secret key
-    when ``ctx`` holds it (an institution; see ``_encryptor``), else under the public key.
+    """Encrypt a 1-D real vector x with |x_i| <= bound into ceil(len(x) / N) ciphertexts: under the secret key when
+    ``ctx`` holds it (an institution; half the bytes on the wire, see ``_Seal``), else under the public key.
 
-    Each chunk encodes x[j*N/2 : (j+1)*N/2] at scale Delta and encrypts it (noise analysed in
-    ``aggregation_tolerance``). Chunks are encrypted one after another: TenSEAL holds the GIL while encrypting, and
-    a thread pool over chunks measured no faster (2-core x86_64, N = 8192: 0.169 s serial, 0.168 s with 2 threads
-    for 64 chunks). The error messages never contain a plaintext value.
+    Each chunk encodes x[j*N : (j+1)*N], two values per complex slot, at scale Delta and encrypts it (noise
+    analysed in ``aggregation_tolerance``). Chunks are encrypted one after another: SEAL holds the GIL while
+    encrypting. The error messages never contain a plaintext value.
 
     Raises:
         CryptoError: ``values`` is not a non-empty 1-D real array; a value is NaN or infinite or exceeds ``bound``
@@ -395,13 +472,12 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> E
     over = int(np.count_nonzero(np.abs(x) > bound))
     if over:
         raise CryptoError(f"{over} of {x.size} values exceed the bound {bound:g} in magnitude; clip them first")
-    slots = params.slots
-    encryptor = _encryptor(ctx)
+    per_chunk = params.values_per_ciphertext
+    seal = _seal(ctx)
     try:
-        chunks = tuple(ts.ckks_vector(encryptor, x[start : start + slots]).serialize()
-                       for start in range(0, x.size, slots))
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise CryptoError("TenSEAL could not encrypt the vector") from exc
+        chunks = tuple(seal.encrypt(x[start : start + per_chunk]) for start in range(0, x.size, per_chunk))
+    except (RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise CryptoError("SEAL could not encrypt the vector") from exc
     return EncryptedVector(chunks=chunks, length=int(x.size), fingerprint=key_fingerprint(ctx))
 
 
@@ -433,7 +509,7 @@ class EncryptedSum:
         self._params: CkksParameters = CkksParameters.from_context(context)
         self._length: int = length
         self._fingerprint: str = fingerprint
-        self._chunk_lengths: list[int] = _chunk_lengths(length, self._params.slots)
+        self._chunk_lengths: list[int] = _chunk_lengths(length, self._params.values_per_ciphertext)
         self._top_parms_id: list[int] = list(context.seal_context().data.first_parms_id())
         self._sum: list[ts.CKKSVector] = []
         self._count: int = 0
@@ -476,11 +552,12 @@ class EncryptedSum:
         if len(update.chunks) != len(self._chunk_lengths):
             raise UpdateRejectedError(
                 f"the update has {len(update.chunks)} ciphertext chunks, expected {len(self._chunk_lengths)} "
-                f"for {self._length} values at {self._params.slots} slots per chunk"
+                f"for {self._length} values at {self._params.values_per_ciphertext} values per chunk"
             )
         return [self._deserialize(i, data, n) for i, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths))]
 
-    def _deserialize(self, index: int, data: bytes, expected_size: int) -> ts.CKKSVector:
+    def _deserialize(self, index: int, data: bytes, values: int) -> ts.CKKSVector:
+        expected_size = _slots_for(values)
         try:
             vector = ts.ckks_vector_from(self._context, data)
             size = int(vector.size())
@@ -489,7 +566,7 @@ class EncryptedSum:
         except Exception as exc:
             raise UpdateRejectedError(f"chunk {index} does not deserialize as a CKKS ciphertext of this key") from exc
         if size != expected_size:
-            raise UpdateRejectedError(f"chunk {index} holds {size} values, expected {expected_size}")
+            raise UpdateRejectedError(f"chunk {index} holds {size} slots, expected {expected_size} for {values} values")
         if len(ciphertexts) != 1:
             raise UpdateRejectedError(f"chunk {index} holds {len(ciphertexts)} ciphertexts, expected 1")
         ct = ciphertexts[0]
@@ -526,19 +603,22 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector) -> NDArray[np.float64]:
     fingerprint = key_fingerprint(ctx)
     if enc.fingerprint != fingerprint:
         raise CryptoError(f"the vector is encrypted under key {enc.fingerprint}, but this context is {fingerprint}")
-    lengths = _chunk_lengths(enc.length, CkksParameters.from_context(ctx).slots)
+    lengths = _chunk_lengths(enc.length, CkksParameters.from_context(ctx).values_per_ciphertext)
     if len(lengths) != len(enc.chunks):
         raise CryptoError(f"{len(enc.chunks)} chunks cannot hold {enc.length} values, expected {len(lengths)}")
+    seal = _seal(ctx)
     out = np.empty(enc.length, dtype=np.float64)
     start = 0
     for index, (data, n) in enumerate(zip(enc.chunks, lengths)):
         try:
-            values: Sequence[float] = ts.ckks_vector_from(ctx, data).decrypt()
+            vector = ts.ckks_vector_from(ctx, data)
+            size = int(vector.size())
+            if size == _slots_for(n):
+                out[start : start + n] = seal.decrypt(vector, n)
         except Exception as exc:  # see EncryptedSum._deserialize
             raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
-        if len(values) != n:
-            raise CryptoError(f"chunk {index} holds {len(values)} values, expected {n}")
-        out[start : start + n] = values
+        if size != _slots_for(n):
+            raise CryptoError(f"chunk {index} holds {size} slots, expected {_slots_for(n)} for {n} values")
         start += n
     return out
 
@@ -589,9 +669,10 @@ def aggregation_tolerance(params: CkksParameters, *, num_terms: int, max_abs: fl
     Delta, so the ciphertext noise contributes at most K * B_fresh / Delta (``fresh_noise_bound``; additions add
     noises, nothing else grows). SEAL's encoder and decoder also work in double precision: an FFT of N points
     followed by a sum over N coefficients loses at most N * log2(N) * u relative to the largest value (u = 2^-53),
-    once per encoded term and once for the decoded sum:
+    once per encoded term and once for the decoded sum, relative to the largest slot, |z| <= sqrt(2) * max_abs for
+    two values per complex slot:
 
-        tolerance = K * B_fresh / 2^s + 2 * N * log2(N) * u * K * max_abs.
+        tolerance = K * B_fresh / 2^s + 2 * N * log2(N) * u * K * sqrt(2) * max_abs.
 
     For N = 8192, s = 40 the first term is 3.8e-8 per term; observed errors are about 6x smaller (maximum over a
     ciphertext's slots), as expected for a bound that holds with overwhelming probability.
@@ -611,7 +692,7 @@ def aggregation_tolerance(params: CkksParameters, *, num_terms: int, max_abs: fl
         )
     n = params.poly_modulus_degree
     noise = num_terms * fresh_noise_bound(params) / params.scale
-    rounding = 2.0 * n * math.log2(n) * _DOUBLE_UNIT_ROUNDOFF * num_terms * max_abs
+    rounding = 2.0 * n * math.log2(n) * _DOUBLE_UNIT_ROUNDOFF * num_terms * math.sqrt(2.0) * max_abs
     return noise + rounding
 
 

@@ -97,11 +97,15 @@ class PackingScheme:
     def quantize(self, values: FloatArray, rng: np.random.Generator) -> IntArray:
         """Stochastic rounding of values in [-R, R] to integers in [0, 2^b - 1]; CryptoError outside the bound."""
         values = np.asarray(values, dtype=np.float64)
-        if values.size and (not np.isfinite(values).all() or np.abs(values).max() > self.value_bound):
+        # min and max propagate NaN, which fails both comparisons, as does an infinity
+        if values.size and not (-self.value_bound <= values.min() and values.max() <= self.value_bound):
             raise CryptoError(f"values must be finite and within +-{self.value_bound:g} to be quantized")
-        scaled = (values + self.value_bound) / self.step
-        q = np.floor(scaled + rng.random(values.shape)).astype(np.int64)
-        return np.clip(q, 0, 2**self.bits - 1)
+        scaled = values + self.value_bound
+        scaled /= self.step
+        scaled += rng.random(values.shape)
+        np.floor(scaled, out=scaled)
+        np.clip(scaled, 0, 2**self.bits - 1, out=scaled)
+        return scaled.astype(np.int64)
 
     def pack(self, quantized: IntArray) -> FloatArray:
         """Pack fields into slot values: slot i holds q[i*m + j] << (j*B); the last slot is zero-padded."""
@@ -109,11 +113,12 @@ class PackingScheme:
         q = np.asarray(quantized, dtype=np.int64)
         if q.size and (q.min() < 0 or q.max() >= 2**self.bits):
             raise CryptoError(f"quantized values must lie in [0, 2^{self.bits})")
-        padded = np.zeros(-(-q.size // m) * m, dtype=np.int64)
+        padded = np.zeros(-(-q.size // m) * m, dtype=np.float64)
         padded[: q.size] = q
         fields = padded.reshape(-1, m)
-        shifts = (np.arange(m, dtype=np.int64) * width).astype(np.int64)
-        packed: FloatArray = np.sum(fields << shifts, axis=1).astype(np.float64)
+        packed: FloatArray = fields[:, 0].copy()
+        for j in range(1, m):  # exact: every partial sum is an integer below 2^52
+            packed += fields[:, j] * float(2 ** (j * width))
         return packed
 
     def unpack(self, slots: FloatArray, length: int) -> IntArray:
@@ -141,9 +146,11 @@ class PackingScheme:
         return -(-length // self.values_per_slot)
 
     def bytes_per_parameter(self, params: CkksParameters) -> float:
-        """Wire bytes per model parameter: a ciphertext of one data prime is 2 * N * 8 bytes for N/2 slots."""
+        """Wire bytes per model parameter of an institution's update: its secret-key ciphertext of one data prime
+        is one polynomial of N coefficients of 8 bytes (the other travels as a seed) for N encoded values, two per
+        complex slot, before compression."""
         data_primes = max(len(params.coeff_mod_bit_sizes) - 1, 1)
-        return 32.0 * data_primes / self.values_per_slot
+        return 8.0 * data_primes / self.values_per_slot
 
 
 def reference_sum(values: list[FloatArray], quantized: list[IntArray], scheme: PackingScheme) -> FloatArray:

@@ -423,7 +423,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
             }
         summary["ckks"]["blocks"] = blocks.blocks if blocks is not None else 1
         summary["ckks"]["bytes_per_parameter"] = (
-            scheme.bytes_per_parameter(params) if scheme is not None else 32.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
+            scheme.bytes_per_parameter(params) if scheme is not None else 8.0 * max(len(params.coeff_mod_bit_sizes) - 1, 1)
         )
     Checkpoint.remove(inputs.out_dir)  # the run directory is complete; nothing is left to resume
     statuses = [r["status"] for r in recorder.institutions]

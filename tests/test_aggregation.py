@@ -265,11 +265,13 @@ def test_derived_size_limit_admits_a_real_update_and_a_configured_one_wins(secre
     ckks = config_from_dict({"secure_aggregation": {"poly_modulus_degree": PARAMS.poly_modulus_degree,
                                                     "coeff_mod_bit_sizes": list(PARAMS.coeff_mod_bit_sizes),
                                                     "scale_bits": PARAMS.global_scale_bits}})
-    big = ParameterLayout(names=("w",), shapes=((PARAMS.poly_modulus_degree,),))  # two ciphertexts of N/2 slots
+    big = ParameterLayout(names=("w",), shapes=((PARAMS.poly_modulus_degree + 1,),))  # two ciphertexts of N values
     limit = update_size_limit(ckks, big)
     two_chunks = encrypt(secret, np.full(big.size, 0.5), bound=0.5)
     assert len(two_chunks.chunks) == 2
     assert two_chunks.nbytes < limit < 4 * two_chunks.nbytes + SIZE_MARGIN  # admits it, yet is no blank cheque
+    public_key = encrypt(load_public_context(serialize_public_context(secret)), np.full(big.size, 0.5), bound=0.5)
+    assert two_chunks.nbytes < public_key.nbytes < limit  # a public-key update (both polynomials) is admitted too
     configured = config_from_dict({"federation": {"max_update_bytes": 12345}})
     assert update_size_limit(configured, big) == 12345
 

@@ -50,7 +50,7 @@ from fedqf.model import ParameterLayout
 from fedqf.packing import ckks_parameters_of
 from fedqf.protocol import AGGREGATE_ROUND, ARRAYS, METRICS, REPORT, WEIGHT_SUM, ReplyStatus, aggregate_meta
 
-SLOTS = 4096
+SLOTS = 8192  # values per ciphertext at N = 8192: two per complex slot
 LENGTH = 3 * SLOTS + 100  # four ciphertexts, the last one short
 CONFIG = config_from_dict({"federation": {"institutions": 3}, "privacy": {"mode": "none"},
                            "secure_aggregation": {"block_mib": 0.13}})  # one 131 kB ciphertext per block
@@ -121,7 +121,7 @@ def test_manifest_and_block_checks_name_what_differs(keys) -> None:  # type: ign
     record = manifest_record(layout, fingerprint, [block_digest(v) for v in vectors])
     manifest = read_manifest(record, layout, fingerprint)
     assert read_block(block_record(vectors[2], 2), layout, manifest, 2) == vectors[2]
-    with pytest.raises(UpdateRejectedError, match="declares 4 blocks of a 12388-value vector; the federation expects 2 blocks"):
+    with pytest.raises(UpdateRejectedError, match="declares 4 blocks of a 24676-value vector; the federation expects 2 blocks"):
         read_manifest(record, BlockLayout(LENGTH, SLOTS, 2), fingerprint)
     with pytest.raises(UpdateRejectedError, match="not the federation's"):
         read_manifest(record, layout, "0" * 64)
@@ -131,7 +131,7 @@ def test_manifest_and_block_checks_name_what_differs(keys) -> None:  # type: ign
     other = encrypt(secret, np.zeros(SLOTS), bound=1.0)
     with pytest.raises(UpdateRejectedError, match="does not match the digest"):
         read_block(block_record(other, 1), layout, manifest, 1)
-    with pytest.raises(UpdateRejectedError, match="holds 4096 values, expected 100"):
+    with pytest.raises(UpdateRejectedError, match="holds 8192 values, expected 100"):
         read_block(block_record(other, 3), layout, manifest, 3)
 
 
@@ -215,12 +215,13 @@ def test_the_coordinator_sums_block_by_block_and_drops_a_failing_or_lying_instit
 
 
 def _blocked_institution(secret, directory: Path):  # type: ignore[no-untyped-def]
-    """An institution whose 8,450-parameter model (one real per slot) travels in 3 blocks of one ciphertext."""
+    """An institution whose 16,898-parameter model (unpacked, 8,192 values per ciphertext) travels in 3 blocks of one
+    ciphertext."""
     from fedqf.data import simulate_federation_data
     from fedqf.institution import Institution
 
     config = config_from_dict({"federation": {"institutions": 2, "seed": 3}, "privacy": {"mode": "none"},
-                               "model": {"hidden": [256]}, "secure_aggregation": {"block_mib": 0.13}})
+                               "model": {"hidden": [512]}, "secure_aggregation": {"block_mib": 0.13}})
     data = simulate_federation_data(config.data, institutions=2, seed=3)
     return config, Institution(config, data.institutions[0], "a", 0, secret, blocks_dir=directory)
 
@@ -284,7 +285,7 @@ def _array(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
 
 def _simulate(out: Path, block_mib: float) -> dict:  # type: ignore[type-arg]
     args = [sys.executable, "-m", "fedqf.cli", "simulate", "--out", str(out),
-            "--set", "model.hidden=[256,256]", "--set", "federation.rounds=2",
+            "--set", "model.hidden=[256,512]", "--set", "federation.rounds=2",
             "--set", "secure_aggregation.quantization_bits=6", "--set", "secure_aggregation.scale_bits=24",
             "--set", "secure_aggregation.weight_unit=200", "--set", "privacy.reproducible_noise=true",
             "--set", f"secure_aggregation.block_mib={block_mib}"]

@@ -74,10 +74,10 @@ def encrypted_sum(fed: Federation, terms: list[np.ndarray], bound: float) -> np.
 
 
 def test_default_parameters_known_answers() -> None:
-    assert PARAMS.slots == 4096
+    assert PARAMS.slots == 4096 and PARAMS.values_per_ciphertext == 8192  # two reals per complex slot
     assert PARAMS.security_bits == 128
-    # 60-bit first prime, scale 2^40: 2^(60 - 2 - 1 - 40).
-    assert PARAMS.max_abs_value == 131072.0
+    # 60-bit first prime, scale 2^40: 2^(60 - 2 - 1 - 40), over sqrt(2) for two values in one complex slot.
+    assert PARAMS.max_abs_value == pytest.approx(131072.0 / math.sqrt(2.0))
     assert SecureAggregationMode("ckks") is SecureAggregationMode.CKKS
     assert SecureAggregationMode.NONE.value == "none"
 
@@ -202,7 +202,7 @@ def test_encrypt_refuses_bad_bound(fed: Federation, bound: float) -> None:
 
 
 def test_chunking(small: Federation) -> None:
-    values = np.random.default_rng(1).uniform(-1.0, 1.0, size=2 * SMALL.slots + 7)
+    values = np.random.default_rng(1).uniform(-1.0, 1.0, size=2 * SMALL.values_per_ciphertext + 7)
     enc = encrypt(small.private, values, bound=1.0)
     assert len(enc.chunks) == 3
     assert enc.length == values.size
@@ -218,7 +218,7 @@ def test_chunking(small: Federation) -> None:
 def test_weighted_sum_known_answer(small: Federation) -> None:
     rng = np.random.default_rng(7)
     clip = 1.0
-    length = SMALL.slots + 100  # two chunks
+    length = SMALL.values_per_ciphertext + 100  # two chunks
     terms = weighted_terms(rng, count=4, length=length, clip=clip)
     expected = np.sum(terms, axis=0)
     out = encrypted_sum(small, terms, bound=500.0 * clip)
@@ -239,7 +239,7 @@ def test_tolerance_tight_and_sound_at_default_parameters(fed: Federation) -> Non
 
 
 def test_largest_allowed_sum_decodes(fed: Federation) -> None:
-    weight, clip = 4096.0, 10.0
+    weight, clip = 3000.0, 10.0
     institutions = int(PARAMS.max_abs_value // (weight * clip))  # the most check_sum_range allows
     assert institutions == 3
     check_sum_range(PARAMS, institutions=institutions, weight=weight, bound=clip)
@@ -256,12 +256,12 @@ def test_largest_allowed_sum_decodes(fed: Federation) -> None:
 
 def test_overflow_is_real_beyond_q0() -> None:
     # Why check_sum_range exists: a sum beyond q_0 / (2 Delta) wraps around. With a 30-bit first prime and scale
-    # 2^20, q_0 / (2 Delta) is at most 2^9 = 512; eight terms of 100 (each within max_abs_value = 128) sum to 800
-    # and decode to garbage.
+    # 2^20, q_0 / (2 Delta) is at most 2^9 = 512; ten terms of 80 (each within max_abs_value = 128 / sqrt(2)) sum
+    # to 800 and decode to garbage.
     params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(30, 40), global_scale_bits=20)
-    assert params.max_abs_value == 128.0
+    assert params.max_abs_value == pytest.approx(128.0 / math.sqrt(2.0))
     fed = Federation(params)
-    terms = [np.full(8, 100.0) for _ in range(8)]
+    terms = [np.full(params.values_per_ciphertext, 80.0) for _ in range(10)]  # every slot: a constant polynomial
     with pytest.raises(CryptoError):
         check_sum_range(params, institutions=8, weight=100.0, bound=1.0)
     out = encrypted_sum(fed, terms, bound=params.max_abs_value)
@@ -272,7 +272,7 @@ def test_check_sum_range_message_names_the_numbers() -> None:
     with pytest.raises(CryptoError) as info:
         check_sum_range(PARAMS, institutions=10, weight=1000.0, bound=20.0)
     message = str(info.value)
-    for text in ("10 institutions", "weight 1000", "bound 20", "200000", "131072", "expected"):
+    for text in ("10 institutions", "weight 1000", "bound 20", "200000", "92681.9", "expected"):
         assert text in message
 
 
@@ -339,7 +339,7 @@ def test_result_before_any_update_fails(fed: Federation) -> None:
 def two_chunk(small: Federation) -> tuple[EncryptedSum, np.ndarray, EncryptedVector]:
     """A sum over one accepted update of two chunks, its plaintext and a second valid update."""
     rng = np.random.default_rng(11)
-    length = SMALL.slots + 10
+    length = SMALL.values_per_ciphertext + 10
     first = rng.uniform(-1.0, 1.0, size=length)
     total = small.new_sum(length)
     total.add(encrypt(small.private, first, bound=1.0))
@@ -405,7 +405,7 @@ def test_rejects_chunk_with_wrong_number_of_values(
     total, _, second = two_chunk
     shorter = encrypt(small.private, np.zeros(5), bound=1.0).chunks[0]
     forged = EncryptedVector(chunks=(second.chunks[0], shorter), length=second.length, fingerprint=second.fingerprint)
-    _rejected(total, forged, small, "holds 5 values")
+    _rejected(total, forged, small, "holds 3 slots, expected 5 for 10 values")
 
 
 def test_rejects_non_vector(small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]) -> None:

@@ -75,7 +75,7 @@ def test_quantization_is_unbiased_and_within_one_step(seed: int, bound: float, b
 
 def test_largest_values_and_most_institutions_decrypt_exactly(context) -> None:  # type: ignore[no-untyped-def]
     scheme = PackingScheme.design(PARAMS, bits=6, max_contributors=3, value_bound=0.5)
-    assert scheme.values_per_slot == 4 and scheme.bytes_per_parameter(PARAMS) == 8.0
+    assert scheme.values_per_slot == 4 and scheme.bytes_per_parameter(PARAMS) == 2.0
     public = load_public_context(serialize_public_context(context))
     length = 5000
     running = EncryptedSum(public, length=scheme.slots_needed(length), fingerprint=key_fingerprint(public))
@@ -155,8 +155,8 @@ def test_ten_and_a_hundred_institutions_at_the_top_of_the_range(  # type: ignore
     # 4 bits for 10 institutions is the packing of 8 bytes per parameter (4 values per slot).
     scheme = PackingScheme.design(PARAMS, bits=bits, max_contributors=contributors, value_bound=0.5)
     assert scheme.values_per_slot == values_per_slot
-    assert scheme.bytes_per_parameter(PARAMS) == 32.0 / values_per_slot
-    top = np.full(3 * PARAMS.slots * values_per_slot // 2, 2**bits - 1, dtype=np.int64)
+    assert scheme.bytes_per_parameter(PARAMS) == 8.0 / values_per_slot
+    top = np.full(3 * PARAMS.values_per_ciphertext * values_per_slot // 2, 2**bits - 1, dtype=np.int64)
     field_sums = _encrypted_field_sums(context, scheme, [top] * contributors)
     np.testing.assert_array_equal(field_sums, contributors * top)
 
@@ -169,7 +169,7 @@ def test_the_most_institutions_the_packing_allows_decrypt_exactly(context, bits:
         PackingScheme.design(PARAMS, bits=bits, max_contributors=most + 1, value_bound=0.5)
     scheme = PackingScheme.design(PARAMS, bits=bits, max_contributors=most, value_bound=0.5)
     rng = np.random.default_rng(bits)
-    quantized = [np.full(PARAMS.slots * scheme.values_per_slot, 2**bits - 1, dtype=np.int64) for _ in range(most)]
+    quantized = [np.full(PARAMS.values_per_ciphertext * scheme.values_per_slot, 2**bits - 1, dtype=np.int64) for _ in range(most)]
     quantized[-1] = rng.integers(0, 2**bits, len(quantized[-1]))
     np.testing.assert_array_equal(_encrypted_field_sums(context, scheme, quantized), np.sum(quantized, axis=0))
 
@@ -189,7 +189,7 @@ def test_designed_packing_decrypts_like_the_slow_reference(  # type: ignore[no-u
         return
     scheme = PackingScheme.design(params, bits=bits, max_contributors=contributors, value_bound=0.5)
     rng = np.random.default_rng(seed)
-    length = params.slots * scheme.values_per_slot
+    length = params.values_per_ciphertext * scheme.values_per_slot
     # Most values at the top of their range, the worst case for carries between fields.
     quantized = [np.where(rng.random(length) < 0.8, 2**bits - 1, rng.integers(0, 2**bits, length))
                  for _ in range(contributors)]
@@ -209,13 +209,14 @@ def _small_context(scale_bits: int):  # type: ignore[no-untyped-def]
 
 
 def test_ten_institutions_at_four_bits_go_under_eight_bytes_per_parameter() -> None:
-    # A 56-bit first prime is the smallest that decodes the sum of 10 at scale 2^21; SEAL's zstd compresses the
-    # unused high bits of each 64-bit coefficient word, which a 60-bit prime does not leave.
-    params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(56, 60), global_scale_bits=21)
+    # A 57-bit first prime is the smallest that decodes the sum of 10 at scale 2^21 with two values in each complex
+    # slot; SEAL's zstd compresses the unused high bits of each 64-bit coefficient word. An institution's
+    # secret-key ciphertext travels as one polynomial and a seed: 8 bytes for 4 values before compression.
+    params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(57, 60), global_scale_bits=21)
     scheme = PackingScheme.design(params, bits=4, max_contributors=10, value_bound=0.5)
     assert scheme.values_per_slot == 4
     context = generate_context(params)
-    top = np.full(2 * params.slots * scheme.values_per_slot, 2**4 - 1, dtype=np.int64)
+    top = np.full(2 * params.values_per_ciphertext * scheme.values_per_slot, 2**4 - 1, dtype=np.int64)
     update = encrypt(context, scheme.pack(top), bound=scheme.slot_bound)
-    assert update.nbytes / top.size < 8.0
+    assert update.nbytes / top.size < 2.0
     np.testing.assert_array_equal(_encrypted_field_sums(context, scheme, [top] * 10), 10 * top)
