@@ -299,14 +299,20 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
         return aggregate_round, _apply_blocks(inst, record, aggregate_round, state.global_arrays,
                                               weight_sum=weight_sum, contributors=contributors)
     decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
-    scheme = scheme_for(inst.config)
+    updated = layout.flatten(state.global_arrays, dtype=np.float32)
+    updated += _mean_delta(scheme_for(inst.config), decrypted, layout.size, contributors=contributors,
+                           weight_sum=weight_sum)
+    return aggregate_round, layout.unflatten(updated)
+
+
+def _mean_delta(scheme: PackingScheme | None, slots: npt.NDArray[np.float64], length: int, *, contributors: int,
+                weight_sum: float) -> npt.NDArray[np.float32]:
+    """Dec(S) / sum_k a_k for `length` model values from the decrypted slot values of an aggregate (or of one
+    block of it), in float32 like the model."""
     if scheme is None:
-        total = decrypted
-    else:
-        field_sums = scheme.unpack(decrypted, layout.size)
-        total = scheme.dequantize_sum(field_sums, contributors=contributors)
-    base = layout.flatten(state.global_arrays)
-    return aggregate_round, layout.unflatten(base + total / weight_sum)
+        return (slots[:length] / weight_sum).astype(np.float32)
+    mean = scheme.dequantize_sum(scheme.unpack(slots, length), contributors=contributors, divisor=weight_sum)
+    return mean.astype(np.float32, copy=False)
 
 
 def _encrypted_length(inst: Institution) -> int:
@@ -352,13 +358,10 @@ def _apply_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int, 
                              "digest (stale or corrupt); expected the coordinator to deliver it again")
         start, stop = layout.span(index)
         first, last = start * per_slot, min(stop * per_slot, size)
-        slots = decrypt(inst.secret_context, vector)
-        if scheme is None:
-            total = slots
-        else:
-            total = scheme.dequantize_sum(scheme.unpack(slots, last - first), contributors=contributors)
-        values = flat_slice(base, first, last).astype(np.float64) + total / weight_sum
-        flat_assign(updated, first, values.astype(np.float32))
+        values = flat_slice(base, first, last)
+        values += _mean_delta(scheme, decrypt(inst.secret_context, vector), last - first, contributors=contributors,
+                              weight_sum=weight_sum)
+        flat_assign(updated, first, values)
     return updated  # the files stay until a saved state holds this round (prune_blocks)
 
 
@@ -398,12 +401,13 @@ def _encrypt_in_blocks(inst: Institution, values_for: Any, bound: float, name: s
 
 
 def _delta_norm(new: Arrays, old: Arrays, chunk: int = 1 << 22) -> float:
-    """||new - old||_2 over all arrays, in float64, a chunk of values at a time."""
+    """||new - old||_2 over all arrays of the float32 differences (what is encrypted), summed in float64, a chunk of
+    values at a time."""
     squared = 0.0
     for a, b in zip(new, old):
-        fa, fb = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        fa, fb = np.asarray(a, dtype=np.float32).reshape(-1), np.asarray(b, dtype=np.float32).reshape(-1)
         for i in range(0, fa.size, chunk):
-            d = fa[i : i + chunk].astype(np.float64) - fb[i : i + chunk].astype(np.float64)
+            d = (fa[i : i + chunk] - fb[i : i + chunk]).astype(np.float64)
             squared += float(d @ d)
     return float(np.sqrt(squared))
 
@@ -489,12 +493,6 @@ def catch_up(inst: Institution, content: RecordDict, state: InstitutionState) ->
         state.model_round, state.global_arrays = resolve_global_model(inst, record, state)
     if records:
         log(INFO, "%s caught up to the global model of round %d", inst.name, state.model_round)
-
-
-def _clip_l2(vector: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float64]:
-    """v * min(1, bound / ||v||_2): afterwards ||v||_2 <= bound, hence every |v_i| <= bound."""
-    norm = float(np.linalg.norm(vector))
-    return vector * min(1.0, bound / norm) if norm > 0 else vector
 
 
 def _train_reply(inst: Institution, *, arrays: ArrayRecord, metrics: dict[str, float], status: ReplyStatus,
@@ -613,21 +611,21 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
             )
         rng = _quantization_rng(config, inst.index, server_round)
         bound = scheme.slot_bound if scheme is not None else weight * sa.delta_clip
+        # The delta is L2-clipped to delta_clip: ||factor * delta|| <= delta_clip, hence every value is too.
+        norm = _delta_norm(result.arrays, global_arrays)
+        factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
         if blocked:  # a block at a time: the delta is never held whole
-            norm = _delta_norm(result.arrays, global_arrays)
-            factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
 
             def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
-                delta = (flat_slice(result.arrays, first, last).astype(np.float64)
-                         - flat_slice(global_arrays, first, last).astype(np.float64)) * factor
-                return _slot_values(delta, weight, scheme, rng)
+                delta = flat_slice(result.arrays, first, last) - flat_slice(global_arrays, first, last)
+                return _slot_values(delta, factor, weight, scheme, rng)
 
             out, fingerprint, nbytes = _encrypt_in_blocks(
                 inst, values_for, bound, update_name(server_round, model_round),
                 per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
-            delta = _clip_l2(layout.flatten(result.arrays) - layout.flatten(global_arrays), sa.delta_clip)
-            encrypted = encrypt(inst.secret_context, _slot_values(delta, weight, scheme, rng), bound=bound)
+            delta = layout.flatten(result.arrays, dtype=np.float32) - layout.flatten(global_arrays, dtype=np.float32)
+            encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng), bound=bound)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start
@@ -657,14 +655,20 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
     return reply
 
 
-def _slot_values(delta: npt.NDArray[np.float64], weight: float, scheme: PackingScheme | None,
+def _slot_values(delta: npt.NDArray[np.float32], factor: float, weight: float, scheme: PackingScheme | None,
                  rng: np.random.Generator) -> npt.NDArray[np.float64]:
-    """What is encrypted for a (clipped) delta: a_k * delta, or, packed, each value clipped to +-R (weight <= 1
-    keeps a_k * delta there too), quantized and packed several per slot."""
+    """What is encrypted for a float32 delta and its L2-clipping factor: a_k * factor * delta, or, packed, each
+    value of factor * delta clipped to +-R (weight <= 1 keeps a_k times it there too), quantized and packed several
+    per slot value; the packed path stays in float32 until the packing."""
     if scheme is None:
-        return weight * delta
-    clipped = np.clip(delta, -scheme.value_bound, scheme.value_bound)
-    return scheme.pack(scheme.quantize(weight * clipped, rng))
+        return delta.astype(np.float64) * (weight * factor)
+    bound = np.float32(scheme.value_bound)
+    if float(bound) > scheme.value_bound:  # float32 rounded R up: clip just inside it
+        bound = np.nextafter(bound, np.float32(0))
+    scaled = delta * np.float32(factor)
+    np.clip(scaled, -bound, bound, out=scaled)
+    scaled *= np.float32(weight)
+    return scheme.pack(scheme.quantize(scaled, rng))
 
 
 def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:

@@ -142,16 +142,17 @@ class ParameterLayout:
     def size(self) -> int:
         return int(sum(int(np.prod(s)) for s in self.shapes))
 
-    def flatten(self, arrays: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
-        """Concatenate arrays in layout order into one float64 vector, checking every shape."""
+    def flatten(self, arrays: list[npt.NDArray[np.float32]], dtype: type[np.floating] = np.float64) -> npt.NDArray[np.floating]:
+        """Concatenate arrays in layout order into one vector of `dtype` (float64 unless told), checking every
+        shape."""
         if len(arrays) != len(self.shapes):
             raise UpdateRejectedError(f"expected {len(self.shapes)} arrays, got {len(arrays)}")
         for name, shape, arr in zip(self.names, self.shapes, arrays):
             if tuple(arr.shape) != shape:
                 raise UpdateRejectedError(f"array '{name}' has shape {tuple(arr.shape)}, expected {shape}")
         if not arrays:
-            return np.zeros(0)
-        return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate([np.asarray(a).ravel() for a in arrays], dtype=dtype)
 
     def unflatten(self, vector: npt.NDArray[np.floating]) -> list[npt.NDArray[np.float32]]:
         """Cut a vector in layout order into float32 arrays (views of it when it is float32 already)."""

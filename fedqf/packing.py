@@ -94,25 +94,31 @@ class PackingScheme:
             )
         return cls(bits, max_contributors, value_bound, best)
 
-    def quantize(self, values: FloatArray, rng: np.random.Generator) -> IntArray:
-        """Stochastic rounding of values in [-R, R] to integers in [0, 2^b - 1]; CryptoError outside the bound."""
-        values = np.asarray(values, dtype=np.float64)
+    def quantize(self, values: npt.NDArray[np.floating], rng: np.random.Generator) -> npt.NDArray[np.floating]:
+        """Stochastic rounding of values in [-R, R] to integers in [0, 2^b - 1], held in the floating dtype of
+        `values` (float32 stays float32: a 1M-parameter update is quantized in a few passes over 4 MB);
+        CryptoError outside the bound."""
+        values = np.asarray(values)
+        if not np.issubdtype(values.dtype, np.floating):
+            values = values.astype(np.float64)
         # min and max propagate NaN, which fails both comparisons, as does an infinity
         if values.size and not (-self.value_bound <= values.min() and values.max() <= self.value_bound):
             raise CryptoError(f"values must be finite and within +-{self.value_bound:g} to be quantized")
-        scaled = values + self.value_bound
-        scaled /= self.step
-        scaled += rng.random(values.shape)
+        dtype = np.float32 if values.dtype == np.float32 else np.float64
+        scaled = values.astype(dtype, copy=True)
+        scaled += dtype(self.value_bound)
+        scaled /= dtype(self.step)
+        scaled += rng.random(values.shape, dtype=dtype)
         np.floor(scaled, out=scaled)
         np.clip(scaled, 0, 2**self.bits - 1, out=scaled)
-        return scaled.astype(np.int64)
+        return scaled
 
     def pack(self, quantized: IntArray) -> FloatArray:
         """Pack fields into slot values: slot i holds q[i*m + j] << (j*B); the last slot is zero-padded."""
         m, width = self.values_per_slot, self.field_bits
-        q = np.asarray(quantized, dtype=np.int64)
-        if q.size and (q.min() < 0 or q.max() >= 2**self.bits):
-            raise CryptoError(f"quantized values must lie in [0, 2^{self.bits})")
+        q = np.asarray(quantized)
+        if q.size and (not q.min() >= 0 or not q.max() < 2**self.bits or (q.dtype.kind == "f" and (np.floor(q) != q).any())):
+            raise CryptoError(f"quantized values must be integers in [0, 2^{self.bits})")
         padded = np.zeros(-(-q.size // m) * m, dtype=np.float64)
         padded[: q.size] = q
         fields = padded.reshape(-1, m)
@@ -121,26 +127,37 @@ class PackingScheme:
             packed += fields[:, j] * float(2 ** (j * width))
         return packed
 
-    def unpack(self, slots: FloatArray, length: int) -> IntArray:
-        """Round each decrypted slot to the nearest integer and read off its fields (sums of up to K values)."""
+    def unpack(self, slots: FloatArray, length: int) -> npt.NDArray[np.floating]:
+        """Round each decrypted slot to the nearest integer and read off its fields (sums of up to K values), as
+        float32 where that is exact (fields of B <= 24 bits), else float64."""
         m, width = self.values_per_slot, self.field_bits
         values = np.asarray(slots, dtype=np.float64)
         if values.size * m < length:
             raise CryptoError(f"{values.size} slots cannot hold {length} values at {m} per slot")
-        if values.size and (not np.isfinite(values).all() or values.min() < -0.5 or values.max() >= self.slot_bound):
+        # NaN fails both comparisons
+        if values.size and not (values.min() >= -0.5 and values.max() < self.slot_bound):
             raise CryptoError("a decrypted slot lies outside the packing range: the sum overflowed or the key is wrong")
         whole = np.rint(values).astype(np.int64)
-        shifts = (np.arange(m, dtype=np.int64) * width).astype(np.int64)
-        fields = (whole[:, None] >> shifts) & ((1 << width) - 1)
+        fields = np.empty((whole.size, m), dtype=np.float32 if width <= 24 else np.float64)
+        mask = (1 << width) - 1
+        for j in range(m):
+            fields[:, j] = (whole >> (j * width)) & mask
         return fields.reshape(-1)[:length]
 
-    def dequantize_sum(self, field_sums: IntArray, *, contributors: int) -> FloatArray:
-        """sum_k x_k estimated from the field sums Q of `contributors` institutions: s * Q - K * R."""
+    def dequantize_sum(self, field_sums: npt.NDArray[np.number], *, contributors: int,
+                       divisor: float = 1.0) -> npt.NDArray[np.floating]:
+        """sum_k x_k estimated from the field sums Q of `contributors` institutions, divided by `divisor` (the
+        weight sum, for a mean): (s * Q - K * R) / divisor, in float32 for float32 sums, else float64."""
         if not 1 <= contributors <= self.max_contributors:
             raise CryptoError(
                 f"{contributors} contributors, but the packing has headroom for at most {self.max_contributors}"
             )
-        return self.step * np.asarray(field_sums, dtype=np.float64) - contributors * self.value_bound
+        sums = np.asarray(field_sums)
+        dtype = np.float32 if sums.dtype == np.float32 else np.float64
+        out = sums.astype(dtype, copy=True)
+        out *= dtype(self.step / divisor)
+        out -= dtype(contributors * self.value_bound / divisor)
+        return out
 
     def slots_needed(self, length: int) -> int:
         return -(-length // self.values_per_slot)

@@ -89,7 +89,9 @@ def test_largest_values_and_most_institutions_decrypt_exactly(context) -> None: 
     field_sums = scheme.unpack(decrypt(context, running.result()), length)
     np.testing.assert_array_equal(field_sums, np.sum(quantized, axis=0))
     values = [scheme.step * q - scheme.value_bound for q in quantized]
-    np.testing.assert_allclose(scheme.dequantize_sum(field_sums, contributors=3), reference_sum(values, quantized, scheme))
+    # float32, like the model: within float32 rounding of the slow float64 reference
+    np.testing.assert_allclose(scheme.dequantize_sum(field_sums, contributors=3), reference_sum(values, quantized, scheme),
+                               rtol=1e-6)
 
 
 def test_more_contributors_than_the_headroom_is_refused() -> None:
