@@ -1,4 +1,4 @@
-"""Issue 4: final accuracy of the default sandbox with packed CKKS (8 bytes/parameter) against no encryption.
+"""Issue 4: final accuracy of the default sandbox with packed CKKS (2 bytes/parameter) against no encryption.
 
 Both runs use DP-SGD with the same seeds and reproducible noise, so the only difference is the aggregation path:
 the 6-bit stochastic quantization and packing of the weighted deltas. Several seeds, side by side in one run.

@@ -5,13 +5,15 @@
     split, seed and plain SGD) behind a private `flower-superlink --simulation`, as benchmarks/round_time.py does;
 (c) fedqf CKKS: `fedqf simulate FILE` (packed), and optionally unpacked (`quantization_bits=0`, `scale_bits=40`).
 
-For each: round seconds (round 1 also starts Ray: rounds >= 2 are reported apart), bytes per parameter an
+For each: round seconds (round 1 also starts Ray: rounds >= 2 are reported apart, and with `--repeat R` pooled
+over R interleaved runs of every part, so that load drifting during the run touches all parts alike), bytes per
+parameter an
 institution uploads per round, and the coordinator's peak memory (VmHWM/VmRSS of the `flwr-serverapp` /
 `flwr-simulation` processes, sampled from /proc every 0.2 s). `--crypto-params N` also times fedqf's crypto and
 packing API alone on an N-parameter update of two institutions (no Flower), in a child process of its own.
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/secure_aggregation.py [--config FILE] [--out DIR]
-        [--parts plain,secagg,ckks,ckks-unpacked,crypto,sweep] [--crypto-params 100000000]
+        [--parts plain,secagg,ckks,ckks-unpacked,crypto,sweep] [--rounds N] [--repeat R] [--crypto-params 100000000]
         [--sweep-institutions 1,10,100 --sweep-rounds 2 --sweep-samples 1000]
 
 `--parts sweep` runs fedqf CKKS and plaintext at 1, 10 and 100 institutions and reports the peak memory of the
@@ -53,7 +55,7 @@ DEFAULT_CONFIG = REPO / "sandboxes" / "large_model" / "federation.toml"
 FEDQF = str(Path(sys.executable).parent / "fedqf")
 COORDINATOR_PATTERNS = ("flwr-serverapp", "flwr-simulation")
 SUPERLINK_PATTERN = "flower-superlink"
-FEDERATION_PARTS = ("plain", "secagg", "ckks", "ckks-unpacked", "ckks-4bit", "ckks-q54", "ckks-4bit-q56")
+FEDERATION_PARTS = ("plain", "secagg", "ckks", "ckks-unpacked")
 
 _SECAGG_MANIFEST = app_manifest(
     name="secaggplus-bench",
@@ -392,13 +394,26 @@ def table(runs: list[FederationCost]) -> str:
     return "\n".join(lines)
 
 
+def pooled_round_seconds(repeats: dict[str, list[dict[str, object]]]) -> dict[str, tuple[float, int, int]]:
+    """Per part: the mean of every round after the first (which also starts Ray) over all its runs, how many
+    rounds that is, and how many runs."""
+    pooled = {}
+    for part, runs in repeats.items():
+        rounds = [s for run in runs for s in run["round_seconds"][1:]]  # type: ignore[index]
+        pooled[part] = (statistics.fmean(rounds) if rounds else float("nan"), len(rounds), len(runs))
+    return pooled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation TOML (default: large_model)")
     parser.add_argument("--out", type=Path, default=None, help="outputs and results.json (default: a temp dir)")
     parser.add_argument("--parts", default="plain,secagg,ckks,ckks-unpacked,crypto",
-                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, ckks-4bit, ckks-q54, ckks-4bit-q56, "
-                             "crypto, sweep")
+                        help="comma-separated: plain, secagg, ckks, ckks-unpacked, crypto, sweep")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of every federation run (default: the config's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the federation parts this many times, interleaved (plain, secagg, ckks, plain, ...), "
+                             "and compare their rounds >= 2 pooled over the repeats")
     parser.add_argument("--num-shares", type=int, default=3, help="SecAgg+ num_shares")
     parser.add_argument("--threshold", type=int, default=2, help="SecAgg+ reconstruction_threshold")
     parser.add_argument("--crypto-params", type=int, default=100_000_000, help="parameters for the crypto-only part")
@@ -409,7 +424,8 @@ def main() -> None:
     parser.add_argument("--sweep-samples", type=int, default=1000, help="training records per institution (sweep)")
     parser.add_argument("--sweep-modes", default="plain,ckks", help="which of plain, ckks the sweep runs")
     args = parser.parse_args()
-    config = load_config(args.config)
+    round_overrides = [f"federation.rounds={args.rounds}"] if args.rounds > 0 else []
+    config = load_config(args.config, round_overrides)
     if args.crypto_child:
         print(json.dumps(crypto_scale(config, args.crypto_params, args.crypto_block)))
         return
@@ -437,26 +453,25 @@ def main() -> None:
         "ckks": ("fedqf CKKS packed", []),
         "ckks-unpacked": ("fedqf CKKS unpacked",
                           ["secure_aggregation.quantization_bits=0", "secure_aggregation.scale_bits=40"]),
-        # 4 bits leave room for 4 values per slot with 10 institutions: 8 bytes per parameter.
-        "ckks-4bit": ("fedqf CKKS packed, 4 bits", ["secure_aggregation.quantization_bits=4"]),
-        # 6 bits, 3 per slot, with the smallest first prime that still decodes the sum (scale 2^21, q_0 of 54
-        # bits): SEAL's zstd then compresses the ciphertexts' unused high bits.
-        "ckks-q54": ("fedqf CKKS packed, q_0 54 bits", ["secure_aggregation.coeff_mod_bit_sizes=[54,60]",
-                                                        "secure_aggregation.scale_bits=21"]),
-        # 4 bits, 4 per slot, with the smallest first prime that decodes the sum of 10 (scale 2^21): under 8 bytes.
-        "ckks-4bit-q56": ("fedqf CKKS packed, 4 bits, q_0 56 bits",
-                          ["secure_aggregation.quantization_bits=4", "secure_aggregation.coeff_mod_bit_sizes=[56,60]",
-                           "secure_aggregation.scale_bits=21"]),
     }
-    for part in parts:
-        print(f"running {part} ...", flush=True)
+    repeats: dict[str, list[dict[str, object]]] = {}
+    federation_parts = [p for p in parts if p in FEDERATION_PARTS]
+    schedule = [(p, i) for i in range(max(args.repeat, 1)) for p in federation_parts]
+    schedule += [(p, 0) for p in parts if p not in FEDERATION_PARTS]
+    for part, repeat in schedule:
+        print(f"running {part}{f' (repeat {repeat + 1})' if args.repeat > 1 else ''} ...", flush=True)
         started = time.perf_counter()
+        run_dir = out / (part if repeat == 0 else f"{part}-{repeat + 1}")
         if part in fedqf_runs:
             label, overrides = fedqf_runs[part]
-            results[part] = asdict(run_fedqf(label, args.config.resolve(), overrides, out / part, params))
+            cost = asdict(run_fedqf(label, args.config.resolve(), overrides + round_overrides, run_dir, params))
+            repeats.setdefault(part, []).append(cost)
+            results[part] = repeats[part][0]
         elif part == "secagg":
-            results[part] = asdict(run_secaggplus(config, out / part, params, num_shares=args.num_shares,
-                                                  threshold=args.threshold))
+            cost = asdict(run_secaggplus(config, run_dir, params, num_shares=args.num_shares,
+                                         threshold=args.threshold))
+            repeats.setdefault(part, []).append(cost)
+            results[part] = repeats[part][0]
         elif part == "sweep":
             counts = [int(x) for x in args.sweep_institutions.split(",") if x.strip()]
             sweep_rows = results.setdefault("sweep", {})
@@ -474,6 +489,8 @@ def main() -> None:
         else:
             parser.error(f"unknown part {part!r}")
         print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
+        if repeats:
+            results["repeats"] = repeats
         results_path.write_text(json.dumps(results, indent=2))
 
     runs = [FederationCost(**{k: v for k, v in results[p].items()})  # type: ignore[arg-type]
@@ -481,14 +498,17 @@ def main() -> None:
     if runs:
         print()
         print(table(runs))
+        pooled = pooled_round_seconds(results.get("repeats") or {p: [results[p]] for p in FEDERATION_PARTS
+                                                                  if p in results})  # type: ignore[arg-type]
         by = {p: FederationCost(**results[p]) for p in FEDERATION_PARTS if p in results}  # type: ignore[arg-type]
+        for part, (mean, count, runs_seen) in pooled.items():
+            print(f"{part}: mean round s over {count} rounds >= 2 of {runs_seen} run(s): {mean:.3f}")
         for enc in FEDERATION_PARTS[2:]:
             if enc not in by:
                 continue
             for base in ("plain", "secagg"):
                 if base in by:
-                    print(f"{enc} / {base}, mean round s (rounds >= 2): "
-                          f"{by[enc].mean_after_first / by[base].mean_after_first:.2f}x; "
+                    print(f"{enc} / {base}, mean round s (rounds >= 2, pooled): {pooled[enc][0] / pooled[base][0]:.2f}x; "
                           f"bytes/param {by[enc].bytes_per_param / by[base].bytes_per_param:.2f}x")
     if "sweep" in results:
         print()

@@ -294,7 +294,11 @@ def key_fingerprint(ctx: ts.Context) -> str:
     Raises:
         CryptoError: the context has no public key.
     """
-    return hashlib.sha256(serialize_public_context(ctx)).hexdigest()
+    cached: str | None = getattr(ctx, "_fedqf_fingerprint", None)
+    if cached is None:  # serializing the public key costs about 0.5 ms; the keys of a context never change
+        cached = hashlib.sha256(serialize_public_context(ctx)).hexdigest()
+        ctx._fedqf_fingerprint = cached
+    return cached
 
 
 @dataclass(frozen=True)

@@ -518,11 +518,11 @@ def test_coordinator_continues_by_itself_when_its_serverapp_dies(material: Path)
 
 
 def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> None:
-    """Two daemons, a 74k-parameter model whose encrypted update is 19 ciphertexts, blocks of 4: the institutions
+    """Two daemons, a 74k-parameter model whose encrypted update is 10 ciphertexts, blocks of 2: the institutions
     encrypt into block files in their state directories, the coordinator sums block by block through the SuperLink,
     delivers the aggregate in blocks, and one institution releases the final model in blocks."""
     overrides = ["--set", "federation.institutions=2", "--set", "federation.rounds=2", "--set", "model.hidden=[256,256]",
-                 "--set", "secure_aggregation.block_mib=0.5"]
+                 "--set", "secure_aggregation.block_mib=0.25"]
     port = free_port()
     out = material / "blocks-run"
     coordinator = start(["coordinator", str(FEDERATION), *overrides, "--certs", "certs", "--context",
