@@ -315,6 +315,17 @@ def flat_slice(arrays: Iterable[np.ndarray], start: int, stop: int) -> np.ndarra
     return np.concatenate(pieces).astype(np.float32) if pieces else np.empty(0, dtype=np.float32)
 
 
+def flat_assign_difference(out: np.ndarray, new: Iterable[np.ndarray], old: Iterable[np.ndarray]) -> None:
+    """out = new - old over the arrays raveled and concatenated, in out's dtype, in one pass."""
+    offset = 0
+    for a, b in zip(new, old):
+        fa, fb = np.asarray(a, dtype=out.dtype).reshape(-1), np.asarray(b, dtype=out.dtype).reshape(-1)
+        np.subtract(fa, fb, out=out[offset : offset + fa.size])
+        offset += fa.size
+    if offset != out.size:
+        raise FedqfError(f"the arrays hold {offset} values, expected {out.size}")
+
+
 def flat_assign(arrays: list[np.ndarray], start: int, values: np.ndarray) -> None:
     """Write `values` into the arrays raveled and concatenated, from position `start` on, in place."""
     offset = 0

@@ -386,8 +386,7 @@ class _Seal:
     def encrypt(self, values: NDArray[np.float64]) -> bytes:
         slots = _slots_for(values.size)
         packed = np.zeros(slots, dtype=np.complex128)
-        packed.real = values[0::2]
-        packed.imag[: values.size // 2] = values[1::2]
+        packed.view(np.float64)[: values.size] = values  # x[2j] is slot j's real part, x[2j + 1] its imaginary part
         plain = sealapi.Plaintext()
         self.encoder.encode(packed.tolist(), self.scale, plain)
         path = _scratch_path()
@@ -403,11 +402,8 @@ class _Seal:
         assert self.decryptor is not None
         plain = sealapi.Plaintext()
         self.decryptor.decrypt(vector.ciphertext()[0], plain)
-        slots = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)[: _slots_for(values)]
-        out = np.empty(2 * slots.size, dtype=np.float64)
-        out[0::2] = slots.real
-        out[1::2] = slots.imag
-        return out[:values]
+        slots = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
+        return slots.view(np.float64)[:values]
 
 
 def _seal(ctx: ts.Context) -> _Seal:

@@ -37,6 +37,7 @@ from fedqf.blocks import (
     block_digest,
     block_record,
     flat_assign,
+    flat_assign_difference,
     flat_slice,
     is_manifest,
     layout_for,
@@ -624,7 +625,8 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
                 inst, values_for, bound, update_name(server_round, model_round),
                 per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
-            delta = layout.flatten(result.arrays, dtype=np.float32) - layout.flatten(global_arrays, dtype=np.float32)
+            delta = np.empty(layout.size, dtype=np.float32)
+            flat_assign_difference(delta, result.arrays, global_arrays)
             encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng), bound=bound)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
@@ -657,18 +659,18 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
 
 def _slot_values(delta: npt.NDArray[np.float32], factor: float, weight: float, scheme: PackingScheme | None,
                  rng: np.random.Generator) -> npt.NDArray[np.float64]:
-    """What is encrypted for a float32 delta and its L2-clipping factor: a_k * factor * delta, or, packed, each
-    value of factor * delta clipped to +-R (weight <= 1 keeps a_k times it there too), quantized and packed several
-    per slot value; the packed path stays in float32 until the packing."""
+    """What is encrypted for a float32 delta (scaled in place) and its L2-clipping factor: a_k * factor * delta,
+    or, packed, each value of factor * delta clipped to +-R (weight <= 1 keeps a_k times it there too), quantized
+    and packed several per slot value; the packed path stays in float32 until the packing."""
     if scheme is None:
         return delta.astype(np.float64) * (weight * factor)
     bound = np.float32(scheme.value_bound)
     if float(bound) > scheme.value_bound:  # float32 rounded R up: clip just inside it
         bound = np.nextafter(bound, np.float32(0))
-    scaled = delta * np.float32(factor)
-    np.clip(scaled, -bound, bound, out=scaled)
-    scaled *= np.float32(weight)
-    return scheme.pack(scheme.quantize(scaled, rng))
+    delta *= np.float32(factor)
+    np.clip(delta, -bound, bound, out=delta)
+    delta *= np.float32(weight)
+    return scheme.pack(scheme.quantize(delta, rng))
 
 
 def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:

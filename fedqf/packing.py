@@ -119,12 +119,10 @@ class PackingScheme:
         q = np.asarray(quantized)
         if q.size and (not q.min() >= 0 or not q.max() < 2**self.bits or (q.dtype.kind == "f" and (np.floor(q) != q).any())):
             raise CryptoError(f"quantized values must be integers in [0, 2^{self.bits})")
-        padded = np.zeros(-(-q.size // m) * m, dtype=np.float64)
-        padded[: q.size] = q
-        fields = padded.reshape(-1, m)
-        packed: FloatArray = fields[:, 0].copy()
-        for j in range(1, m):  # exact: every partial sum is an integer below 2^52
-            packed += fields[:, j] * float(2 ** (j * width))
+        packed: FloatArray = np.zeros(-(-q.size // m), dtype=np.float64)
+        for j in range(m):  # exact: q * 2^(jB) is a power-of-two scaling, every partial sum an integer below 2^52
+            field = q[j::m]
+            packed[: field.size] += field * q.dtype.type(2 ** (j * width)) if q.dtype.kind == "f" else field * 2 ** (j * width)
         return packed
 
     def unpack(self, slots: FloatArray, length: int) -> npt.NDArray[np.floating]:
