@@ -115,7 +115,9 @@ class ProcessPeaks:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.phase == "setup" and "[ROUND 1" in (self.logs / "coordinator.log").read_text(errors="replace"):
+            coordinator_log = self.logs / "coordinator.log"
+            if self.phase == "setup" and coordinator_log.exists() and "[ROUND 1" in coordinator_log.read_text(
+                    errors="replace"):
                 self.phase = "rounds"
             if self.phase == "rounds" and any("releases the global model" in p.read_text(errors="replace")
                                               for p in self.logs.glob("institution-*.log")):
