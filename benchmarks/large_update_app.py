@@ -124,7 +124,7 @@ def _main(grid: Grid, context: Context) -> None:
     public = load_public_context(Path(str(context.run_config[PUBLIC_KEY])).read_bytes())
     ckks = CkksParameters.from_context(public)
     scheme = _scheme(context, ckks)
-    per_ct = ckks.slots * scheme.values_per_slot
+    per_ct = ckks.values_per_ciphertext * scheme.values_per_slot
     block = max(per_ct, block // per_ct * per_ct)
     fingerprint = key_fingerprint(public)
     while len(list(grid.get_node_ids())) < institutions:

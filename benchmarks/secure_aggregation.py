@@ -321,7 +321,7 @@ def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str,
     scheme = scheme_for(config)
     assert scheme is not None
     params_ckks = ckks_parameters_of(config)
-    per_ct = params_ckks.slots * scheme.values_per_slot
+    per_ct = params_ckks.values_per_ciphertext * scheme.values_per_slot
     block = max(per_ct, block // per_ct * per_ct)
     secret = generate_context(params_ckks)
     public = load_public_context(serialize_public_context(secret))

@@ -111,11 +111,11 @@ def update_size_limit(config: FederationConfig, layout: ParameterLayout, encrypt
     """The largest update the coordinator accepts: `federation.max_update_bytes`, or, when that is 0,
     2 * B + 64 KiB where B bounds a well-formed update of this model.
 
-    Plaintext: B = 4 * P bytes (P float32 parameters). CKKS: B = C * (N * L * 8 + 128), with C = ceil(S / N)
+    Plaintext: B = 4 * P bytes (P float32 parameters). CKKS: B = C * (N * L * 8 + 512), with C = ceil(S / N)
     ciphertexts for S encoded values (the model size, or its packed count `encrypted_length`), each an
     institution's secret-key ciphertext: one polynomial of N coefficients over the L data primes, 8 bytes each,
-    uncompressed, plus its seed and SEAL's header. Twice that also admits a public-key ciphertext (two
-    polynomials).
+    uncompressed, plus its seed, SEAL's header and TenSEAL's message (about 220 bytes). Twice that also admits a
+    public-key ciphertext (two polynomials).
     """
     if config.federation.max_update_bytes:
         return config.federation.max_update_bytes
@@ -123,7 +123,7 @@ def update_size_limit(config: FederationConfig, layout: ParameterLayout, encrypt
     if sa.mode is SecureAggregationMode.CKKS:
         chunks = -(-(encrypted_length or layout.size) // sa.poly_modulus_degree)
         data_primes = max(len(sa.coeff_mod_bit_sizes) - 1, 1)
-        expected = chunks * (sa.poly_modulus_degree * data_primes * 8 + 128)
+        expected = chunks * (sa.poly_modulus_degree * data_primes * 8 + 512)
     else:
         expected = 4 * layout.size
     return 2 * expected + SIZE_MARGIN

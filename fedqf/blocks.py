@@ -320,6 +320,9 @@ def flat_assign_difference(out: np.ndarray, new: Iterable[np.ndarray], old: Iter
     offset = 0
     for a, b in zip(new, old):
         fa, fb = np.asarray(a, dtype=out.dtype).reshape(-1), np.asarray(b, dtype=out.dtype).reshape(-1)
+        if fa.size != fb.size or offset + fa.size > out.size:
+            raise FedqfError(f"arrays of {fa.size} and {fb.size} values at position {offset} do not match a "
+                             f"{out.size}-value model")
         np.subtract(fa, fb, out=out[offset : offset + fa.size])
         offset += fa.size
     if offset != out.size:

@@ -143,8 +143,9 @@ class SecureAggregationSection:
     scale_bits: int = 40
     delta_clip: float = 1.0
     weight_unit: int = 1000
-    # Packing (BatchCrypt-style): 0 sends one real per CKKS slot; b > 0 quantizes each weighted delta value in
-    # [-value_bound, value_bound] to b bits and packs several per slot with headroom for max_institutions.
+    # Packing (BatchCrypt-style): 0 encrypts each weighted delta value as one encoded real (two per complex CKKS
+    # slot); b > 0 quantizes each to b bits in [-value_bound, value_bound] and packs several into each encoded real
+    # with headroom for max_institutions.
     quantization_bits: int = 0
     value_bound: float = 0.5
     max_institutions: int = 0  # 0 means federation.institutions

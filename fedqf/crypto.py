@@ -8,8 +8,8 @@ sum_k a_k * d_k up to ``aggregation_tolerance``, provided ``check_sum_range`` he
 Why addition only changes the parameters: no ciphertext is ever multiplied or rescaled, so the modulus chain needs
 exactly one data prime q_0 (decryption happens at the top level, where the modulus is q_0) plus the special prime
 that SEAL requires for key switching. A second data prime (the usual ``(60, 40, 60)``) only serves one rescale after
-a multiplication; here it would double every ciphertext (32 instead of 16 bytes per value, 8 for an institution's
-secret-key ciphertext, whose second polynomial travels as a seed) for nothing.
+a multiplication; here it would double every ciphertext (32 instead of 16 bytes per value; 16 instead of 8 for an
+institution's secret-key ciphertext, whose second polynomial travels as a seed) for nothing.
 """
 
 from __future__ import annotations
@@ -389,14 +389,14 @@ class _Seal:
         packed.view(np.float64)[: values.size] = values  # x[2j] is slot j's real part, x[2j + 1] its imaginary part
         plain = sealapi.Plaintext()
         self.encoder.encode(packed.tolist(), self.scale, plain)
-        path = _scratch_path()
+        scratch = _scratch_file()
         if self.symmetric:
-            self.encryptor.encrypt_symmetric(plain).save(path)
+            self.encryptor.encrypt_symmetric(plain).save(scratch.path)
         else:
             ct = sealapi.Ciphertext()
             self.encryptor.encrypt(plain, ct)
-            ct.save(path)
-        return _vector_message(_read_scratch(), slots, self.scale)
+            ct.save(scratch.path)
+        return _vector_message(scratch.read(), slots, self.scale)
 
     def decrypt(self, vector: ts.CKKSVector, values: int) -> NDArray[np.float64]:
         assert self.decryptor is not None
@@ -414,27 +414,42 @@ def _seal(ctx: ts.Context) -> _Seal:
     return cached
 
 
+class _ScratchFile:
+    """Where SEAL saves one ciphertext: an anonymous in-memory file (``memfd_create``, reached through /proc), or,
+    without one, a private temporary file; closed (and removed) when its thread's storage goes away."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.remove: str | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            self.fd = os.memfd_create("fedqf-ciphertext", os.MFD_CLOEXEC)
+            self.path = f"/proc/self/fd/{self.fd}"
+        else:
+            import tempfile
+
+            self.fd, self.path = tempfile.mkstemp(prefix="fedqf-ciphertext-")
+            self.remove = self.path
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+
+    def __del__(self) -> None:
+        if os.getpid() != self.pid:  # a forked child's copy: the descriptor is the parent's to close
+            return
+        os.close(self.fd)
+        if self.remove is not None:
+            os.unlink(self.remove)
+
+
 _scratch = threading.local()
 
 
-def _scratch_path() -> str:
-    if getattr(_scratch, "pid", None) != os.getpid():  # a fork gets files of its own
-        if hasattr(os, "memfd_create"):
-            _scratch.fd = os.memfd_create("fedqf-ciphertext", os.MFD_CLOEXEC)
-            _scratch.path = f"/proc/self/fd/{_scratch.fd}"
-        else:  # pragma: no cover - Linux has memfd_create
-            import tempfile
-
-            _scratch.fd, _scratch.path = tempfile.mkstemp(prefix="fedqf-ciphertext-")
-        _scratch.pid = os.getpid()
-    path: str = _scratch.path
-    return path
-
-
-def _read_scratch() -> bytes:
-    fd: int = _scratch.fd
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0)
+def _scratch_file() -> _ScratchFile:
+    current: _ScratchFile | None = getattr(_scratch, "file", None)
+    if current is None or current.pid != os.getpid():  # a fork gets a file of its own
+        current = _ScratchFile()
+        _scratch.file = current
+    return current
 
 
 def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> EncryptedVector:

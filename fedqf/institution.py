@@ -619,7 +619,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
 
             def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
                 delta = flat_slice(result.arrays, first, last) - flat_slice(global_arrays, first, last)
-                return _slot_values(delta, factor, weight, scheme, rng)
+                return _slot_values(delta, factor, weight, scheme, rng, limit=bound)
 
             out, fingerprint, nbytes = _encrypt_in_blocks(
                 inst, values_for, bound, update_name(server_round, model_round),
@@ -627,7 +627,8 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         else:
             delta = np.empty(layout.size, dtype=np.float32)
             flat_assign_difference(delta, result.arrays, global_arrays)
-            encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng), bound=bound)
+            encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng, limit=bound),
+                                bound=bound)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start
@@ -658,12 +659,15 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
 
 
 def _slot_values(delta: npt.NDArray[np.float32], factor: float, weight: float, scheme: PackingScheme | None,
-                 rng: np.random.Generator) -> npt.NDArray[np.float64]:
+                 rng: np.random.Generator, *, limit: float) -> npt.NDArray[np.float64]:
     """What is encrypted for a float32 delta (scaled in place) and its L2-clipping factor: a_k * factor * delta,
     or, packed, each value of factor * delta clipped to +-R (weight <= 1 keeps a_k times it there too), quantized
-    and packed several per slot value; the packed path stays in float32 until the packing."""
+    and packed several per slot value; the packed path stays in float32 until the packing. Unpacked values are
+    clipped to +-limit (= a_k * delta_clip), which the L2 clipping guarantees up to rounding."""
     if scheme is None:
-        return delta.astype(np.float64) * (weight * factor)
+        values = delta.astype(np.float64)
+        values *= weight * factor
+        return np.clip(values, -limit, limit, out=values)
     bound = np.float32(scheme.value_bound)
     if float(bound) > scheme.value_bound:  # float32 rounded R up: clip just inside it
         bound = np.nextafter(bound, np.float32(0))

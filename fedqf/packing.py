@@ -1,7 +1,10 @@
-"""Quantize and pack several update values into each CKKS slot, with headroom for the sum of all institutions.
+"""Quantize and pack several update values into each encoded CKKS value, with headroom for the sum of all
+institutions.
 
-BatchCrypt (Zhang et al., USENIX ATC 2020) packs quantized gradients into Paillier plaintexts; this is the same idea
-for CKKS slots. A value x with |x| <= R is stochastically rounded to an integer q in [0, 2^b - 1]:
+A "slot value" here is one real that CKKS encodes: fedqf.crypto puts two in each complex slot (its real and its
+imaginary part), N per ciphertext. BatchCrypt (Zhang et al., USENIX ATC 2020) packs quantized gradients into Paillier
+plaintexts; this is the same idea for CKKS. A value x with |x| <= R is stochastically rounded to an integer q in
+[0, 2^b - 1]:
 
     q = floor((x + R) / s + U),   s = 2R / (2^b - 1),   U ~ Uniform[0, 1),   so E[s*q - R] = x.
 
@@ -30,7 +33,7 @@ FloatArray = npt.NDArray[np.float64]
 
 @dataclass(frozen=True)
 class PackingScheme:
-    """b-bit quantization of values in [-R, R], m fields of B bits per CKKS slot, for up to K contributors."""
+    """b-bit quantization of values in [-R, R], m fields of B bits per slot value, for up to K contributors."""
 
     bits: int
     max_contributors: int
@@ -95,16 +98,18 @@ class PackingScheme:
         return cls(bits, max_contributors, value_bound, best)
 
     def quantize(self, values: npt.NDArray[np.floating], rng: np.random.Generator) -> npt.NDArray[np.floating]:
-        """Stochastic rounding of values in [-R, R] to integers in [0, 2^b - 1], held in the floating dtype of
-        `values` (float32 stays float32: a 1M-parameter update is quantized in a few passes over 4 MB);
-        CryptoError outside the bound."""
+        """Stochastic rounding of values in [-R, R] to integers in [0, 2^b - 1], held in a floating dtype: float32
+        for float32 values of up to 16 bits (a 1M-parameter update is quantized in a few passes over 4 MB), else
+        float64; CryptoError outside the bound."""
         values = np.asarray(values)
         if not np.issubdtype(values.dtype, np.floating):
             values = values.astype(np.float64)
         # min and max propagate NaN, which fails both comparisons, as does an infinity
         if values.size and not (-self.value_bound <= values.min() and values.max() <= self.value_bound):
             raise CryptoError(f"values must be finite and within +-{self.value_bound:g} to be quantized")
-        dtype = np.float32 if values.dtype == np.float32 else np.float64
+        # float32 only while its spacing at 2^b stays far below the uniform offset (2^-7 of a step at b = 16);
+        # beyond that rounding would bias the result.
+        dtype = np.float32 if values.dtype == np.float32 and self.bits <= 16 else np.float64
         scaled = values.astype(dtype, copy=True)
         scaled += dtype(self.value_bound)
         scaled /= dtype(self.step)
@@ -187,7 +192,7 @@ def ckks_parameters_of(config: FederationConfig) -> CkksParameters:
 
 
 def scheme_for(config: FederationConfig) -> PackingScheme | None:
-    """The federation's packing scheme, or None when it sends one real value per CKKS slot."""
+    """The federation's packing scheme, or None when it encrypts each model value as one slot value."""
     sa = config.secure_aggregation
     if sa.mode is not SecureAggregationMode.CKKS or not sa.quantization_bits:
         return None

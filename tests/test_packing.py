@@ -222,3 +222,16 @@ def test_ten_institutions_at_four_bits_go_under_eight_bytes_per_parameter() -> N
     update = encrypt(context, scheme.pack(top), bound=scheme.slot_bound)
     assert update.nbytes / top.size < 2.0
     np.testing.assert_array_equal(_encrypted_field_sums(context, scheme, [top] * 10), 10 * top)
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(6, np.float32), (16, np.float32), (20, np.float64), (24, np.float64)])
+def test_float32_quantization_only_where_it_stays_unbiased(bits: int, dtype: type) -> None:
+    # float32's spacing at 2^20 is a sixteenth of a step: adding the uniform offset there would bias the rounding,
+    # so wide quantization falls back to float64 and stays unbiased.
+    scheme = PackingScheme(bits, 4, 1.0, 1)
+    rng = np.random.default_rng(bits)
+    x = rng.uniform(-1.0, 1.0, 200_000).astype(np.float32)
+    q = scheme.quantize(x, rng)
+    assert q.dtype == dtype
+    bias = float(np.mean(scheme.step * q.astype(np.float64) - 1.0 - x.astype(np.float64))) / scheme.step
+    assert abs(bias) < 0.01
