@@ -24,8 +24,8 @@ from typing import Final
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
 from numpy.typing import NDArray
+from tenseal import sealapi
 
 from fedqf.errors import CryptoError, FederationError, UpdateRejectedError
 

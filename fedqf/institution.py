@@ -401,15 +401,19 @@ def _encrypt_in_blocks(inst: Institution, values_for: Any, bound: float, name: s
     return manifest_record(layout, fingerprint, digests), fingerprint, nbytes
 
 
-def _delta_norm(new: Arrays, old: Arrays, chunk: int = 1 << 22) -> float:
+def _delta_norm(new: Arrays, old: Arrays, delta: npt.NDArray[np.float32] | None = None, chunk: int = 1 << 22) -> float:
     """||new - old||_2 over all arrays of the float32 differences (what is encrypted), summed in float64, a chunk of
-    values at a time."""
+    values at a time. `delta`, when given, is new - old already flattened: read rather than computed again, in
+    the same chunks, so the norm is the same to the bit."""
     squared = 0.0
+    offset = 0
     for a, b in zip(new, old):
         fa, fb = np.asarray(a, dtype=np.float32).reshape(-1), np.asarray(b, dtype=np.float32).reshape(-1)
         for i in range(0, fa.size, chunk):
-            d = (fa[i : i + chunk] - fb[i : i + chunk]).astype(np.float64)
+            j = min(i + chunk, fa.size)
+            d = (delta[offset + i : offset + j] if delta is not None else fa[i:j] - fb[i:j]).astype(np.float64)
             squared += float(d @ d)
+        offset += fa.size
     return float(np.sqrt(squared))
 
 
@@ -612,21 +616,23 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
             )
         rng = _quantization_rng(config, inst.index, server_round)
         bound = scheme.slot_bound if scheme is not None else weight * sa.delta_clip
+        delta: npt.NDArray[np.float32] | None = None
+        if not blocked:  # in blocks, a block at a time: the delta is never held whole
+            delta = np.empty(layout.size, dtype=np.float32)
+            flat_assign_difference(delta, result.arrays, global_arrays)
         # The delta is L2-clipped to delta_clip: ||factor * delta|| <= delta_clip, hence every value is too.
-        norm = _delta_norm(result.arrays, global_arrays)
+        norm = _delta_norm(result.arrays, global_arrays, delta)
         factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
-        if blocked:  # a block at a time: the delta is never held whole
+        if delta is None:
 
             def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
-                delta = flat_slice(result.arrays, first, last) - flat_slice(global_arrays, first, last)
-                return _slot_values(delta, factor, weight, scheme, rng, limit=bound)
+                piece = flat_slice(result.arrays, first, last) - flat_slice(global_arrays, first, last)
+                return _slot_values(piece, factor, weight, scheme, rng, limit=bound)
 
             out, fingerprint, nbytes = _encrypt_in_blocks(
                 inst, values_for, bound, update_name(server_round, model_round),
                 per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
-            delta = np.empty(layout.size, dtype=np.float32)
-            flat_assign_difference(delta, result.arrays, global_arrays)
             encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng, limit=bound),
                                 bound=bound)
             out = encrypted_to_record(encrypted)

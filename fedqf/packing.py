@@ -110,7 +110,7 @@ class PackingScheme:
         # float32 only while its spacing at 2^b stays far below the uniform offset (2^-7 of a step at b = 16);
         # beyond that rounding would bias the result.
         dtype = np.float32 if values.dtype == np.float32 and self.bits <= 16 else np.float64
-        scaled = values.astype(dtype, copy=True)
+        scaled: npt.NDArray[np.floating] = values.astype(dtype, copy=True)
         scaled += dtype(self.value_bound)
         scaled /= dtype(self.step)
         scaled += rng.random(values.shape, dtype=dtype)
@@ -118,7 +118,7 @@ class PackingScheme:
         np.clip(scaled, 0, 2**self.bits - 1, out=scaled)
         return scaled
 
-    def pack(self, quantized: IntArray) -> FloatArray:
+    def pack(self, quantized: npt.NDArray[np.number]) -> FloatArray:
         """Pack fields into slot values: slot i holds q[i*m + j] << (j*B); the last slot is zero-padded."""
         m, width = self.values_per_slot, self.field_bits
         q = np.asarray(quantized)
@@ -127,7 +127,7 @@ class PackingScheme:
         packed: FloatArray = np.zeros(-(-q.size // m), dtype=np.float64)
         for j in range(m):  # exact: q * 2^(jB) is a power-of-two scaling, every partial sum an integer below 2^52
             field = q[j::m]
-            packed[: field.size] += field * q.dtype.type(2 ** (j * width)) if q.dtype.kind == "f" else field * 2 ** (j * width)
+            packed[: field.size] += field * q.dtype.type(2 ** (j * width))
         return packed
 
     def unpack(self, slots: FloatArray, length: int) -> npt.NDArray[np.floating]:
@@ -157,7 +157,7 @@ class PackingScheme:
             )
         sums = np.asarray(field_sums)
         dtype = np.float32 if sums.dtype == np.float32 else np.float64
-        out = sums.astype(dtype, copy=True)
+        out: npt.NDArray[np.floating] = sums.astype(dtype, copy=True)
         out *= dtype(self.step / divisor)
         out -= dtype(contributors * self.value_bound / divisor)
         return out
