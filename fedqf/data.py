@@ -121,16 +121,21 @@ def table_from_frame(frame: pd.DataFrame, *, target: str, where: str) -> Table:
 
 
 def _synthetic(section: DataSection, seed: int) -> Table:
+    """A generated classification task. Its small matrix products run on one BLAS thread: in a simulation the
+    coordinator generates it in the ServerApp's thread while Ray starts its workers on the same cores, and
+    OpenBLAS's thread pool then spun for minutes inside make_classification (seen on 2 cores)."""
     from sklearn.datasets import make_classification
+    from threadpoolctl import threadpool_limits
 
-    features, labels = make_classification(
-        n_samples=section.samples,
-        n_features=section.features,
-        n_informative=max(2, min(section.features // 2, 32)),
-        n_classes=section.classes,
-        n_clusters_per_class=1,
-        random_state=seed,
-    )
+    with threadpool_limits(limits=1, user_api="blas"):
+        features, labels = make_classification(
+            n_samples=section.samples,
+            n_features=section.features,
+            n_informative=max(2, min(section.features // 2, 32)),
+            n_classes=section.classes,
+            n_clusters_per_class=1,
+            random_state=seed,
+        )
     return Table(features.astype(np.float32), labels.astype(np.int64), section.classes)
 
 

@@ -46,9 +46,9 @@ from fedqf.blocks import (
     read_manifest,
     update_name,
 )
-from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, config_from_dict
+from fedqf.config import FederationConfig, ModelSection, PrivacyMode, SecureAggregationMode, config_from_dict
 from fedqf.crypto import decrypt, encrypt, key_fingerprint
-from fedqf.data import InstitutionData
+from fedqf.data import Dataset, InstitutionData, SimulatedFederationData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import PackingScheme, scheme_for
@@ -98,8 +98,9 @@ class Institution:
 
     @functools.cached_property
     def layout(self) -> ParameterLayout:
-        """Names and shapes of the model's parameters (built once, not for every instruction)."""
-        return ParameterLayout.of(self.model())
+        """Names and shapes of the model's parameters (built once per model definition and process, not for every
+        instruction: a simulation makes an Institution per message)."""
+        return _layout_of(self.config.model, self.data.num_features, self.data.num_classes)
 
     def model(self) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(self.config.federation.seed)
@@ -107,6 +108,12 @@ class Institution:
             self.config.model, num_features=self.data.num_features, num_classes=self.data.num_classes,
             generator=generator,
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_of(section: ModelSection, num_features: int, num_classes: int) -> ParameterLayout:
+    return ParameterLayout.of(build_model(section, num_features=num_features, num_classes=num_classes,
+                                          generator=torch.Generator().manual_seed(0)))
 
 
 @dataclass
@@ -537,8 +544,10 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         return state.last_update[2]
     train_data = inst.data.train
     metrics: dict[str, float] = {"num-examples": float(len(train_data))}
-    metrics.update(_validate(inst, global_arrays, model_round))
     metrics["model-round"] = float(model_round)
+    model = inst.model()
+    set_arrays(model, global_arrays)
+    metrics.update(_validate(model, inst.data.validation, model_round))
     dp: DpSgdSettings | None = None
     planned_steps = 0
     if config.privacy.mode is PrivacyMode.DP_SGD:
@@ -580,8 +589,6 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
             state.spent_round = (server_round, model_round)
             if persist is not None:
                 persist(state)
-    model = inst.model()
-    set_arrays(model, global_arrays)
     scratch = PrivacyLedger()
     trainer = inst.workers.train if inst.workers is not None else train_local
     result = trainer(model, train_data, training=config.training, dp=dp,
@@ -683,11 +690,10 @@ def _slot_values(delta: npt.NDArray[np.float32], factor: float, weight: float, s
     return scheme.pack(scheme.quantize(delta, rng))
 
 
-def _validate(inst: Institution, arrays: Arrays, model_round: int) -> dict[str, float]:
-    """Score the global model of `model_round` on the validation split (reported with the train reply)."""
-    model = inst.model()
-    set_arrays(model, arrays)
-    result = evaluate(model, inst.data.validation)
+def _validate(model: torch.nn.Module, validation: Dataset, model_round: int) -> dict[str, float]:
+    """Score the global model of `model_round` (loaded in `model`, which is left as it was) on the validation split
+    (reported with the train reply)."""
+    result = evaluate(model, validation)
     if result.num_examples == 0:
         return {}
     return {"val-round": float(model_round), "val-examples": float(result.num_examples), "val-loss": result.loss,
@@ -754,15 +760,20 @@ def federation_text(content: RecordDict) -> str:
 # --- simulation: an institution is a partition of the data source, its state lives in Flower's Context --------
 
 
-@functools.lru_cache(maxsize=4)
-def _simulated_share(toml_text: str, base_dir: str, index: int, count: int) -> InstitutionData:
+@functools.lru_cache(maxsize=2)
+def _simulated_federation(toml_text: str, base_dir: str, count: int) -> SimulatedFederationData:
+    """The whole simulated federation's data, loaded and split once per worker process: a worker hosts many
+    institutions in turn, and every one of them is a partition of the same source."""
     from fedqf.data import simulate_federation_data
 
     config = parse_federation(toml_text)
-    shares = simulate_federation_data(
+    return simulate_federation_data(
         config.data, institutions=count, seed=config.federation.seed, base_dir=Path(base_dir) if base_dir else None
     )
-    return shares.institutions[index]
+
+
+def _simulated_share(toml_text: str, base_dir: str, index: int, count: int) -> InstitutionData:
+    return _simulated_federation(toml_text, base_dir, count).institutions[index]
 
 
 @functools.lru_cache(maxsize=2)

@@ -170,3 +170,45 @@ def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_tw
     again = train_round(dp_inst, restarted, content, persist=persist)
     assert recorddict_to_proto(again).SerializeToString() == recorddict_to_proto(first).SerializeToString()
     assert InstitutionState.load(tmp_path).ledger.total_steps == one_round
+
+
+def test_a_simulation_worker_splits_the_federation_data_once_for_all_its_institutions(monkeypatch) -> None:
+    import fedqf.data
+    import fedqf.institution as institution
+
+    calls: list[int] = []
+    real = fedqf.data.simulate_federation_data
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs["institutions"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fedqf.data, "simulate_federation_data", counting)
+    institution._simulated_federation.cache_clear()
+    toml_text = '[federation]\nname = "share-cache"\ninstitutions = 3\nseed = 5\n[data]\nsource = "synthetic"\nsamples = 300\n'
+    shares = [institution._simulated_share(toml_text, "", k, 3) for k in (0, 1, 2, 0)]
+    assert calls == [3]
+    expected = real(institution.parse_federation(toml_text).data, institutions=3, seed=5)
+    for share, k in zip(shares, (0, 1, 2, 0)):
+        np.testing.assert_array_equal(share.train.features, expected.institutions[k].train.features)
+    assert len({id(s) for s in shares[:3]}) == 3
+
+
+def test_synthetic_data_is_generated_on_one_blas_thread(monkeypatch) -> None:
+    import sklearn.datasets
+    from threadpoolctl import threadpool_info
+
+    from fedqf.config import DataSection
+    from fedqf.data import load_table
+
+    seen: list[int] = []
+    real = sklearn.datasets.make_classification
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn.datasets, "make_classification", recording)
+    table = load_table(DataSection(source="synthetic", samples=200, features=8, classes=2), seed=1)
+    assert table.features.shape == (200, 8)
+    assert seen and set(seen) == {1}
