@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -47,7 +48,7 @@ from fedqf.blocks import (
     update_name,
 )
 from fedqf.config import FederationConfig, ModelSection, PrivacyMode, SecureAggregationMode, config_from_dict
-from fedqf.crypto import decrypt, encrypt, key_fingerprint
+from fedqf.crypto import EncryptedVector, decrypt, encrypt, key_fingerprint
 from fedqf.data import Dataset, InstitutionData, SimulatedFederationData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
@@ -306,11 +307,37 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     if is_manifest(record):
         return aggregate_round, _apply_blocks(inst, record, aggregate_round, state.global_arrays,
                                               weight_sum=weight_sum, contributors=contributors)
-    decrypted = decrypt(inst.secret_context, record_to_encrypted(record))
     updated = layout.flatten(state.global_arrays, dtype=np.float32)
-    updated += _mean_delta(scheme_for(inst.config), decrypted, layout.size, contributors=contributors,
-                           weight_sum=weight_sum)
+    updated += _decrypted_mean(inst, record_to_encrypted(record), contributors=contributors, weight_sum=weight_sum)
     return aggregate_round, layout.unflatten(updated)
+
+
+# The last aggregate this process decrypted, and its mean delta. A simulation worker hosts several institutions
+# in turn, and every one of them receives the same aggregate, encrypted under the same key, in a round: the
+# first decrypts it, the others find the same ciphertext bytes here. A daemon hosts one institution and decrypts
+# each aggregate once anyway.
+_last_decryption: tuple[tuple[Any, ...], tuple[bytes, ...], npt.NDArray[np.float32]] | None = None
+_last_decryption_lock = threading.Lock()
+
+
+def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributors: int,
+                    weight_sum: float) -> npt.NDArray[np.float32]:
+    """Dec(S) / sum_k a_k for a single-message aggregate: decrypted here, or read back from this process's last
+    decryption of the very same ciphertext bytes under the same key, packing and weights (read-only)."""
+    global _last_decryption
+    assert inst.secret_context is not None
+    scheme = scheme_for(inst.config)
+    key = (key_fingerprint(inst.secret_context), encrypted.fingerprint, encrypted.length, inst.layout.size, scheme,
+           contributors, weight_sum)
+    with _last_decryption_lock:
+        last = _last_decryption
+        if last is not None and last[0] == key and last[1] == encrypted.chunks:
+            return last[2]
+        decrypted = decrypt(inst.secret_context, encrypted)
+        mean = _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
+        mean.flags.writeable = False
+        _last_decryption = (key, encrypted.chunks, mean)
+        return mean
 
 
 def _mean_delta(scheme: PackingScheme | None, slots: npt.NDArray[np.float64], length: int, *, contributors: int,

@@ -212,3 +212,47 @@ def test_synthetic_data_is_generated_on_one_blas_thread(monkeypatch) -> None:
     table = load_table(DataSection(source="synthetic", samples=200, features=8, classes=2), seed=1)
     assert table.features.shape == (200, 8)
     assert seen and set(seen) == {1}
+
+
+def test_institutions_in_one_process_decrypt_an_aggregate_once(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import fedqf.institution as institution
+
+    inst, layout, initial, aggregates = setup
+    other = Institution(inst.config, simulate_federation_data(inst.config.data, institutions=2, seed=3).institutions[1],
+                        "b", 1, inst.secret_context)
+    calls: list[int] = []
+    real = institution.decrypt
+
+    def counting(ctx, enc):  # type: ignore[no-untyped-def]
+        calls.append(enc.length)
+        return real(ctx, enc)
+
+    monkeypatch.setattr(institution, "decrypt", counting)
+    monkeypatch.setattr(institution, "_last_decryption", None)
+    states = [InstitutionState(), InstitutionState()]
+    for member, state in zip((inst, other), states):
+        evaluate_round(member, state, _content(initial))
+        evaluate_round(member, state, _content(aggregates[1]))
+    assert calls == [layout.size]  # the second institution found the first one's decryption
+    expected = layout.flatten(states[0].global_arrays)
+    np.testing.assert_array_equal(layout.flatten(states[1].global_arrays), expected)
+    # what it found is what decrypting it itself gives
+    monkeypatch.setattr(institution, "_last_decryption", None)
+    alone = InstitutionState()
+    evaluate_round(other, alone, _content(initial))
+    evaluate_round(other, alone, _content(aggregates[1]))
+    np.testing.assert_array_equal(layout.flatten(alone.global_arrays), expected)
+    assert len(calls) == 2
+    # another aggregate (other ciphertext bytes) is decrypted again, and so is one with other weights
+    evaluate_round(other, alone, _content(aggregates[2]))
+    assert len(calls) == 3
+    base = alone.global_arrays
+    reweighted = ArrayRecord(dict(aggregates[3].items()))
+    reweighted[WEIGHT_SUM] = Array(np.array([4.0]))
+    halves = []
+    for record in (aggregates[3], reweighted):
+        state = InstitutionState(2, base)
+        evaluate_round(other, state, _content(record))
+        halves.append(layout.flatten(state.global_arrays) - layout.flatten(base))
+    assert len(calls) == 5
+    np.testing.assert_allclose(halves[1], halves[0] / 2, atol=1e-6)
