@@ -2,8 +2,13 @@
 `fedqf.aggregation.aggregate_train_replies` over 1, 10 and 100 encrypted replies (issue 4).
 
 Replies are made one at a time by a generator, each with its own copy of the ciphertext bytes, as the coordinator
-pulls them; Python-level allocations are measured with tracemalloc (the ciphertexts travel as Python bytes), the
-running sum's SEAL memory (one update) is outside it. No Flower runtime: this isolates fedqf's own aggregation.
+pulls them. Two measures, each institution count in a fresh process:
+- process: the peak resident memory (VmHWM, reset through /proc/self/clear_refs once the update is made) above the
+  resident memory just before the round: everything, SEAL's ciphertexts included;
+- Python: allocations traced by tracemalloc (the ciphertexts travel as Python bytes; SEAL's memory is outside it).
+No Flower runtime: this isolates fedqf's own aggregation. The packing is large_model's (4 bits, headroom for that
+many institutions; at more than 10, a 60-bit first prime and a scale of 2^24, which the sum of
+that many needs).
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/aggregation_memory.py [--params 1060170] [--institutions 1 10 100]
 """
@@ -12,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
@@ -35,6 +42,8 @@ from fedqf.model import ParameterLayout
 from fedqf.packing import PackingScheme
 from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record
 
+LARGE_MODEL_PRIMES = (57, 60)  # sandboxes/large_model's coeff_mod_bit_sizes
+
 
 def _reply(node: int, update: EncryptedVector) -> Message:
     copy = EncryptedVector(chunks=tuple(bytes(bytearray(c)) for c in update.chunks), length=update.length,
@@ -50,9 +59,22 @@ def _reply(node: int, update: EncryptedVector) -> Message:
     return make_message(metadata, content)
 
 
-def measure(params: int, institutions: int) -> dict[str, float]:
-    ckks = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=24)
-    scheme = PackingScheme.design(ckks, bits=6, max_contributors=institutions, value_bound=0.05)
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure(params: int, institutions: int, *, process: bool = False) -> dict[str, float]:
+    """Peak and retained memory of one round's aggregation over `institutions` replies, in MiB: Python allocations
+    (tracemalloc), or with `process` the whole process's peak resident memory above its resident memory before the
+    round (run it in a fresh process)."""
+    # large_model's parameters up to its 10 institutions; the sum of 100 needs a scale of 2^24 (and a 60-bit prime)
+    ckks = (CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=LARGE_MODEL_PRIMES, global_scale_bits=21)
+            if institutions <= 10 else
+            CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=24))
+    scheme = PackingScheme.design(ckks, bits=4, max_contributors=institutions, value_bound=0.05)
     secret = generate_context(ckks)
     public = load_public_context(serialize_public_context(secret))
     rng = np.random.default_rng(0)
@@ -66,7 +88,16 @@ def measure(params: int, institutions: int) -> dict[str, float]:
         for node in range(1, institutions + 1):
             yield _reply(node, update)
 
+    mib = 2.0**20
     gc.collect()
+    if process:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base_kib = _status_kib("VmRSS")
+        outcome = aggregate_train_replies(1, replies(), setup)
+        peak_kib = _status_kib("VmHWM")
+        assert len(outcome.accepted) == institutions, outcome.reports[:1]
+        return {"institutions": institutions, "update_mib": update.nbytes / mib,
+                "peak_mib": (peak_kib - base_kib) * 1024 / mib, "retained_mib": float("nan")}
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     outcome = aggregate_train_replies(1, replies(), setup)
@@ -74,7 +105,6 @@ def measure(params: int, institutions: int) -> dict[str, float]:
     retained, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(outcome.accepted) == institutions, outcome.reports[:1]
-    mib = 2.0**20
     return {"institutions": institutions, "update_mib": update.nbytes / mib, "peak_mib": (peak - base) / mib,
             "retained_mib": (retained - base) / mib}
 
@@ -84,12 +114,19 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=1_060_170)
     parser.add_argument("--institutions", type=int, nargs="+", default=[1, 10, 100])
     args = parser.parse_args()
-    print("| institutions | one update MiB | peak MiB (Python) | peak / update | kept after the round MiB |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| institutions | one update MiB | process peak above its baseline MiB | process peak / update | "
+          "Python peak MiB | Python peak / update | Python kept after the round MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    spawn = multiprocessing.get_context("spawn")
     for n in args.institutions:
-        row = measure(args.params, n)
-        print(f"| {n} | {row['update_mib']:.1f} | {row['peak_mib']:.1f} | {row['peak_mib'] / row['update_mib']:.2f}x | "
-              f"{row['retained_mib']:.1f} |", flush=True)
+        with spawn.Pool(1) as pool:
+            whole = pool.apply(measure, (args.params, n), {"process": True})
+        with spawn.Pool(1) as pool:
+            python = pool.apply(measure, (args.params, n))
+        update = whole["update_mib"]
+        print(f"| {n} | {update:.2f} | {whole['peak_mib']:.1f} | {whole['peak_mib'] / update:.2f}x | "
+              f"{python['peak_mib']:.1f} | {python['peak_mib'] / update:.2f}x | {python['retained_mib']:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

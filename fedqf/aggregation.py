@@ -32,7 +32,7 @@ from fedqf.protocol import (
     WEIGHT_SUM,
     InstitutionReport,
     ReplyStatus,
-    encrypted_to_record,
+    chunks_to_record,
     is_encrypted,
     record_to_encrypted,
     report_from_reply,
@@ -215,7 +215,10 @@ def aggregate_train_replies(
     if ckks and setup.relay is None:  # in blocks, each block gets a running sum of its own (_sum_blocks)
         assert setup.public_context is not None
         running = EncryptedSum(setup.public_context, length=setup.expected_length, fingerprint=setup.fingerprint)
-    for message in replies:
+    pending = iter(replies)
+    record: object = None
+    # `message` and `record` end as None: the last reply's ciphertexts are not held while the sum is serialized
+    while (message := next(pending, None)) is not None:
         report = report_from_reply(message)
         if report.status is ReplyStatus.OK:
             try:
@@ -245,6 +248,7 @@ def aggregate_train_replies(
         if report.status is not ReplyStatus.OK:
             log(WARNING, "round %d: institution %s %s: %s", server_round, report.label, report.status.value, report.reason)
         reports.append(report)
+    record = None
     digests: list[bytes] = []
     if setup.relay is not None:
         if manifests:
@@ -279,7 +283,8 @@ def aggregate_train_replies(
             arrays = manifest_record(setup.relay.layout, setup.fingerprint, digests, extra=extra)
         else:
             assert running is not None
-            arrays = encrypted_to_record(running.result(), extra=extra)
+            arrays = chunks_to_record(running.drain(), length=running.length, fingerprint=setup.fingerprint,
+                                      extra=extra)
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
 
 

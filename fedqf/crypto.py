@@ -19,6 +19,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -499,8 +500,10 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> E
 class EncryptedSum:
     """The coordinator's running sum S = sum_k c_k of encrypted updates, kept in place (memory does not grow with k).
 
-    Built on a public context only. Each ``add`` validates and deserializes all chunks of an update before it
-    touches the sum, so a rejected update leaves the sum exactly as it was.
+    Built on a public context only. ``add`` validates, deserializes and adds an update one chunk at a time, so
+    the coordinator holds the sum, the update's bytes and one deserialized chunk, never a second whole ciphertext
+    vector. A chunk that fails undoes the chunks already added by subtracting them again: additions modulo q are
+    undone exactly, so a rejected update leaves the sum exactly as it was.
 
     Raises:
         CryptoError (construction): the context holds a secret key, ``length`` is not a positive int, or the
@@ -528,6 +531,7 @@ class EncryptedSum:
         self._top_parms_id: list[int] = list(context.seal_context().data.first_parms_id())
         self._sum: list[ts.CKKSVector] = []
         self._count: int = 0
+        self._drained: bool = False
 
     @property
     def count(self) -> int:
@@ -547,15 +551,28 @@ class EncryptedSum:
                 number of chunks; a chunk that does not deserialize under this context, holds the wrong number of
                 values, or is not a fresh top-level ciphertext at the federation's scale. The sum is then unchanged.
         """
-        vectors = self._validate(update)
-        if self._sum:
-            for total, vector in zip(self._sum, vectors):
-                total.add_(vector)
-        else:
-            self._sum = vectors
+        self._check(update)
+        if self._drained:
+            raise FederationError("the encrypted sum was drained; it takes no more updates")
+        added: list[int] = []
+        try:
+            for index, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths)):
+                vector = self._deserialize(index, data, n)
+                if self._count:
+                    self._sum[index].add_(vector)
+                else:
+                    self._sum.append(vector)
+                added.append(index)
+        except BaseException:
+            if self._count:
+                for index in added:
+                    self._sum[index].sub_(ts.ckks_vector_from(self._context, update.chunks[index]))
+            else:
+                self._sum = []
+            raise
         self._count += 1
 
-    def _validate(self, update: EncryptedVector) -> list[ts.CKKSVector]:
+    def _check(self, update: EncryptedVector) -> None:
         if not isinstance(update, EncryptedVector):
             raise UpdateRejectedError(f"an update must be an EncryptedVector, got {type(update).__name__}")
         if update.fingerprint != self._fingerprint:
@@ -569,7 +586,6 @@ class EncryptedSum:
                 f"the update has {len(update.chunks)} ciphertext chunks, expected {len(self._chunk_lengths)} "
                 f"for {self._length} values at {self._params.values_per_ciphertext} values per chunk"
             )
-        return [self._deserialize(i, data, n) for i, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths))]
 
     def _deserialize(self, index: int, data: bytes, values: int) -> ts.CKKSVector:
         expected_size = _slots_for(values)
@@ -597,11 +613,32 @@ class EncryptedSum:
         Raises:
             FederationError: no update has been added.
         """
+        if self._drained:
+            raise FederationError("the encrypted sum was drained already")
         if not self._sum:
             raise FederationError("no encrypted update has been added to the sum")
         return EncryptedVector(
             chunks=tuple(v.serialize() for v in self._sum), length=self._length, fingerprint=self._fingerprint
         )
+
+    def drain(self) -> Iterator[bytes]:
+        """The encrypted sum's chunks, serialized one at a time; each chunk's ciphertext is released once it is
+        serialized, so the sum and its serialization never both exist whole. The sum takes no more updates.
+
+        Raises:
+            FederationError: no update has been added, or the sum was drained already.
+        """
+        if self._drained:
+            raise FederationError("the encrypted sum was drained already")
+        if not self._sum:
+            raise FederationError("no encrypted update has been added to the sum")
+        vectors, self._sum, self._drained = self._sum[::-1], [], True
+
+        def chunks() -> Iterator[bytes]:
+            while vectors:
+                yield vectors.pop().serialize()
+
+        return chunks()
 
 
 def decrypt(ctx: ts.Context, enc: EncryptedVector) -> NDArray[np.float64]:

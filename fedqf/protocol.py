@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,8 +22,9 @@ CKKS_STYPE = "tenseal.CKKSVector"
 CKKS_PREFIX = "ckks."
 CHUNK_SIZES = "fedqf.chunk-bytes"  # int64 byte size of every ciphertext, in order, when Arrays hold several
 #: Ciphertexts are grouped into Arrays of at most this many bytes: below Flower's 5 MiB ArrayChunk size, so each
-#: group travels as one object pair (Array + ArrayChunk) instead of two objects per 131 kB ciphertext.
-GROUP_BYTES = 4 * 1024 * 1024
+#: group travels as one object pair (Array + ArrayChunk) instead of two objects per 131 kB ciphertext; and small
+#: against a whole aggregate, since joining a group holds its pieces and the joined copy at once.
+GROUP_BYTES = 1024 * 1024
 WEIGHT_SUM = "fedqf.weight-sum"
 AGGREGATE_ROUND = "fedqf.round"
 VECTOR_LENGTH = "fedqf.length"
@@ -91,27 +93,39 @@ def encrypted_to_record(
     Flower stores and sends every Array as objects of their own (content-addressed, hashed, one request each), so
     a 100M-parameter update of 8,139 ciphertexts would be about 16,000 objects; grouped, it is about 500.
     """
+    return chunks_to_record(iter(vector.chunks), length=vector.length, fingerprint=vector.fingerprint, extra=extra,
+                            group_bytes=group_bytes)
+
+
+def chunks_to_record(chunks: Iterator[bytes], *, length: int, fingerprint: str,
+                     extra: dict[str, np.ndarray] | None = None, group_bytes: int = GROUP_BYTES) -> ArrayRecord:
+    """``encrypted_to_record`` for ciphertexts that arrive one at a time (``EncryptedSum.drain``): each group is
+    joined as soon as it is full, so beyond the groups already made only one group's pieces are held."""
     record = ArrayRecord()
     group: list[bytes] = []
+    sizes: list[int] = []
     size = 0
     index = 0
 
     def flush() -> None:
         nonlocal group, size, index
         data = group[0] if len(group) == 1 else b"".join(group)
+        group, size = [], 0
         record[f"{CKKS_PREFIX}{index:06d}"] = Array(dtype="bytes", shape=(len(data),), stype=CKKS_STYPE, data=data)
-        group, size, index = [], 0, index + 1
+        index += 1
 
-    for chunk in vector.chunks:
+    for chunk in chunks:
         if group and size + len(chunk) > group_bytes:
             flush()
         group.append(chunk)
+        sizes.append(len(chunk))
         size += len(chunk)
+        del chunk
     if group:
         flush()
-    record[CHUNK_SIZES] = Array(np.array([len(c) for c in vector.chunks], dtype=np.int64))
-    record[VECTOR_LENGTH] = Array(np.array([vector.length], dtype=np.int64))
-    record["fedqf.fingerprint"] = Array(np.frombuffer(vector.fingerprint.encode("ascii"), dtype=np.uint8).copy())
+    record[CHUNK_SIZES] = Array(np.array(sizes, dtype=np.int64))
+    record[VECTOR_LENGTH] = Array(np.array([length], dtype=np.int64))
+    record["fedqf.fingerprint"] = Array(np.frombuffer(fingerprint.encode("ascii"), dtype=np.uint8).copy())
     for key, value in (extra or {}).items():
         record[key] = Array(np.asarray(value))
     return record

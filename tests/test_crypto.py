@@ -348,12 +348,14 @@ def two_chunk(small: Federation) -> tuple[EncryptedSum, np.ndarray, EncryptedVec
 
 
 def _rejected(total: EncryptedSum, update: object, small: Federation, match: str) -> None:
-    before = decrypt(small.private, total.result())
+    before = total.result()
     count = total.count
     with pytest.raises(UpdateRejectedError, match=match):
         total.add(update)  # type: ignore[arg-type]
     assert total.count == count
-    assert np.array_equal(decrypt(small.private, total.result()), before)
+    after = total.result()
+    assert after.chunks == before.chunks  # the very same ciphertexts, not just the same decryption
+    assert np.array_equal(decrypt(small.private, after), decrypt(small.private, before))
 
 
 def test_rejects_wrong_fingerprint(
@@ -420,6 +422,43 @@ def test_malformed_encrypted_vector_fields() -> None:
         EncryptedVector(chunks=(b"x",), length=-1, fingerprint="0" * 64)
     with pytest.raises(UpdateRejectedError):
         EncryptedVector(chunks=(b"x",), length=1, fingerprint="not hex")
+
+
+def test_a_first_update_rejected_at_its_last_chunk_leaves_the_sum_empty(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    _, _, second = two_chunk
+    total = small.new_sum(second.length)
+    broken = EncryptedVector(chunks=(second.chunks[0], b"garbage" * 50), length=second.length,
+                             fingerprint=second.fingerprint)
+    with pytest.raises(UpdateRejectedError, match="chunk 1"):
+        total.add(broken)
+    assert total.count == 0
+    with pytest.raises(FederationError, match="no encrypted update"):
+        total.result()
+    total.add(second)
+    assert total.result().chunks == second_sum_chunks(small, second)
+
+
+def second_sum_chunks(small: Federation, update: EncryptedVector) -> tuple[bytes, ...]:
+    alone = small.new_sum(update.length)
+    alone.add(update)
+    return alone.result().chunks
+
+
+def test_a_drained_sum_gives_its_chunks_once_and_takes_no_more_updates(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector]
+) -> None:
+    _, first, second = two_chunk
+    total = small.new_sum(second.length)
+    total.add(encrypt(small.private, first, bound=1.0))
+    total.add(second)
+    expected = total.result()
+    drained = total.drain()
+    assert tuple(drained) == expected.chunks
+    for call in (lambda: total.add(second), total.result, total.drain):
+        with pytest.raises(FederationError, match="drained"):
+            call()
 
 
 def test_valid_update_after_rejections_still_sums(

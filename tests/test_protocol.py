@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedqf.crypto import EncryptedVector
 from fedqf.errors import UpdateRejectedError
-from fedqf.protocol import CHUNK_SIZES, CKKS_PREFIX, CKKS_STYPE, GROUP_BYTES, encrypted_to_record, record_to_encrypted
+from fedqf.protocol import CHUNK_SIZES, CKKS_PREFIX, CKKS_STYPE, GROUP_BYTES, chunks_to_record, encrypted_to_record, record_to_encrypted
 
 FINGERPRINT = "ab" * 32
 
@@ -33,6 +33,25 @@ def test_grouped_record_gives_back_the_same_ciphertexts(sizes: list[int], group_
     record = encrypted_to_record(vector, group_bytes=group_bytes)
     assert len(_groups(record)) == groups
     assert record_to_encrypted(record) == vector
+
+
+@pytest.mark.parametrize("group_bytes", [4, 12, 1000])
+def test_chunks_that_arrive_one_at_a_time_make_the_same_record(group_bytes: int) -> None:
+    vector = _vector([5, 7, 3, 9])
+    served: list[int] = []
+
+    def one_at_a_time():  # type: ignore[no-untyped-def]
+        for chunk in vector.chunks:
+            served.append(len(chunk))
+            yield chunk
+
+    streamed = chunks_to_record(one_at_a_time(), length=vector.length, fingerprint=vector.fingerprint,
+                                group_bytes=group_bytes)
+    assert served == [5, 7, 3, 9]
+    whole = encrypted_to_record(vector, group_bytes=group_bytes)
+    assert list(streamed.keys()) == list(whole.keys())
+    assert all(streamed[k].data == whole[k].data for k in whole)
+    assert record_to_encrypted(streamed) == vector
 
 
 def test_a_large_update_travels_in_few_arrays() -> None:
