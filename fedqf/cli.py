@@ -102,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--health", default=None, help="HOST:PORT for an extra TCP gRPC health endpoint")
     inst.add_argument("--retry-seconds", type=float, default=300.0,
                       help="how long to retry a coordinator that is not up yet (default 300)")
+    inst.add_argument("--crypto-workers", type=int, default=None,
+                      help="processes that encrypt updates and decrypt aggregates in parallel (default: the CPUs "
+                           "this daemon may run on; 1 keeps it in the daemon's process)")
     group = inst.add_argument_group(
         "training group", "Local training as a torch.distributed group, started by torch's elastic launcher (as "
         "torchrun): one worker per GPU (NCCL), or CPU workers (gloo). Node 0 holds the data, keys and SuperNode; "
@@ -279,8 +282,17 @@ def _institution(args: argparse.Namespace) -> int:
         config=config, name=args.name, data_file=args.data or Path(), context=args.context,
         node_key=args.node_key or Path(), ca_cert=args.ca or Path(), superlink=args.superlink or "",
         state_dir=args.state, health_address=args.health, retry_seconds=args.retry_seconds, launch=launch,
+        crypto_workers=_crypto_workers(args.crypto_workers),
     )
     return run_institution(settings, printer=lambda line: print(line, flush=True))
+
+
+def _crypto_workers(requested: int | None) -> int:
+    if requested is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested < 1:
+        raise ConfigError(f"--crypto-workers must be at least 1, got {requested}")
+    return requested
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -453,18 +453,20 @@ def _scratch_file() -> _ScratchFile:
     return current
 
 
-def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> EncryptedVector:
+def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float,
+            pool: CryptoPool | None = None) -> EncryptedVector:
     """Encrypt a 1-D real vector x with |x_i| <= bound into ceil(len(x) / N) ciphertexts: under the secret key when
     ``ctx`` holds it (an institution; half the bytes on the wire, see ``_Seal``), else under the public key.
 
     Each chunk encodes x[j*N : (j+1)*N], two values per complex slot, at scale Delta and encrypts it (noise
-    analysed in ``aggregation_tolerance``). Chunks are encrypted one after another: SEAL holds the GIL while
-    encrypting. The error messages never contain a plaintext value.
+    analysed in ``aggregation_tolerance``). SEAL holds the GIL while encrypting, so chunks are encrypted one after
+    another, or, given a ``pool`` for this key and enough chunks, on the pool's processes. The error messages
+    never contain a plaintext value.
 
     Raises:
         CryptoError: ``values`` is not a non-empty 1-D real array; a value is NaN or infinite or exceeds ``bound``
             in magnitude; ``bound`` is not finite and positive or exceeds the parameters' ``max_abs_value``; the
-            context has no public key.
+            context has no public key; the pool holds another key.
     """
     params = CkksParameters.from_context(ctx)
     if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0 < bound < math.inf:
@@ -489,12 +491,126 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float) -> E
     if over:
         raise CryptoError(f"{over} of {x.size} values exceed the bound {bound:g} in magnitude; clip them first")
     per_chunk = params.values_per_ciphertext
+    pieces = [x[start : start + per_chunk] for start in range(0, x.size, per_chunk)]
+    fingerprint = key_fingerprint(ctx)
+    if pool is not None and pool.worth_it(len(pieces)):
+        pool.check(fingerprint, private=ctx.is_private())
+        return EncryptedVector(chunks=pool.encrypt(pieces), length=int(x.size), fingerprint=fingerprint)
     seal = _seal(ctx)
     try:
-        chunks = tuple(seal.encrypt(x[start : start + per_chunk]) for start in range(0, x.size, per_chunk))
+        chunks = tuple(seal.encrypt(piece) for piece in pieces)
     except (RuntimeError, TypeError, ValueError, OSError) as exc:
         raise CryptoError("SEAL could not encrypt the vector") from exc
-    return EncryptedVector(chunks=chunks, length=int(x.size), fingerprint=key_fingerprint(ctx))
+    return EncryptedVector(chunks=chunks, length=int(x.size), fingerprint=fingerprint)
+
+
+class CryptoPool:
+    """Processes that encrypt, or decrypt, the ciphertexts of one vector in parallel, on as many cores as the pool
+    has workers: TenSEAL's SEAL bindings hold the GIL, so threads would take turns.
+
+    Every worker is a fresh interpreter (spawned: an institution daemon runs gRPC threads, which a fork would copy
+    mid-call) that loads the institution's private context once, handed over the pool's pipe: the secret key stays
+    in memory, never in a file or a log. Chunks go out as float64 slices and come back as ciphertext bytes, and
+    the reverse to decrypt. The results are those of ``encrypt`` and ``decrypt`` without a pool.
+
+    Raises:
+        CryptoError (construction): the context holds no secret key, or ``workers`` is not an int >= 2.
+    """
+
+    #: below this many ciphertexts per worker, handing chunks to processes costs more than it saves
+    MIN_CHUNKS_PER_WORKER: Final = 2
+
+    def __init__(self, ctx: ts.Context, workers: int) -> None:
+        if not ctx.is_private():
+            raise CryptoError("a crypto pool needs the private context (with the secret key)")
+        if not _is_int(workers) or workers < 2:
+            raise CryptoError(f"a crypto pool needs at least 2 workers, got {workers!r}")
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self.fingerprint = key_fingerprint(ctx)
+        self.per_chunk = CkksParameters.from_context(ctx).values_per_ciphertext
+        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_pool_start, initargs=(serialize_private_context(ctx),))
+
+    def worth_it(self, chunks: int) -> bool:
+        return chunks >= self.MIN_CHUNKS_PER_WORKER * self.workers
+
+    def check(self, fingerprint: str, *, private: bool) -> None:
+        if not private or fingerprint != self.fingerprint:
+            raise CryptoError(f"the crypto pool holds key {self.fingerprint}, not this context's {fingerprint}")
+
+    def _batch(self, count: int) -> int:
+        return max(1, count // (4 * self.workers))
+
+    def encrypt(self, pieces: list[NDArray[np.float64]]) -> tuple[bytes, ...]:
+        try:
+            return tuple(self._executor.map(_pool_encrypt, pieces, chunksize=self._batch(len(pieces))))
+        except CryptoError:
+            raise
+        except Exception as exc:  # a worker died, or SEAL refused
+            raise CryptoError(f"the crypto pool could not encrypt the vector ({type(exc).__name__})") from exc
+
+    def decrypt(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.float64]]:
+        try:
+            return list(self._executor.map(_pool_decrypt, chunks, chunksize=self._batch(len(chunks))))
+        except CryptoError:
+            raise
+        except Exception as exc:
+            raise CryptoError(f"the crypto pool could not decrypt the vector ({type(exc).__name__})") from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+_pools: dict[tuple[str, int], CryptoPool] = {}
+_pools_lock = threading.Lock()
+
+
+def crypto_pool(ctx: ts.Context, workers: int) -> CryptoPool | None:
+    """This process's pool of ``workers`` processes for the private context ``ctx``, started on first use and kept
+    until the process exits; None for fewer than 2 workers (work then stays in this process)."""
+    if workers < 2:
+        return None
+    key = (key_fingerprint(ctx), workers)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = CryptoPool(ctx, workers)
+            if len(_pools) == 1:
+                import atexit
+
+                atexit.register(_close_pools)
+        return pool
+
+
+def _close_pools() -> None:
+    with _pools_lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+
+
+_pool_context: ts.Context | None = None
+
+
+def _pool_start(private: bytes) -> None:
+    global _pool_context
+    _pool_context = load_private_context(private)
+
+
+def _pool_encrypt(values: NDArray[np.float64]) -> bytes:
+    assert _pool_context is not None
+    try:
+        return _seal(_pool_context).encrypt(values)
+    except (RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise CryptoError("SEAL could not encrypt the vector") from exc
+
+
+def _pool_decrypt(item: tuple[int, bytes, int]) -> NDArray[np.float64]:
+    assert _pool_context is not None
+    return _decrypt_chunk(_pool_context, *item)
 
 
 class EncryptedSum:
@@ -641,12 +757,14 @@ class EncryptedSum:
         return chunks()
 
 
-def decrypt(ctx: ts.Context, enc: EncryptedVector) -> NDArray[np.float64]:
-    """Decrypt and decode an encrypted vector (typically a sum) into float64 values.
+def decrypt(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = None) -> NDArray[np.float64]:
+    """Decrypt and decode an encrypted vector (typically a sum) into float64 values; given a ``pool`` for this key
+    and enough chunks, on the pool's processes.
 
     Raises:
         CryptoError: the context holds no secret key; the vector was encrypted under another key (fingerprint);
-            its chunks are inconsistent with its length, or do not deserialize under this context.
+            its chunks are inconsistent with its length, or do not deserialize under this context; the pool holds
+            another key.
     """
     if not ctx.is_private():
         raise CryptoError("decryption needs the private context (with the secret key)")
@@ -658,21 +776,30 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector) -> NDArray[np.float64]:
     lengths = _chunk_lengths(enc.length, CkksParameters.from_context(ctx).values_per_ciphertext)
     if len(lengths) != len(enc.chunks):
         raise CryptoError(f"{len(enc.chunks)} chunks cannot hold {enc.length} values, expected {len(lengths)}")
-    seal = _seal(ctx)
     out = np.empty(enc.length, dtype=np.float64)
+    items = [(index, data, n) for index, (data, n) in enumerate(zip(enc.chunks, lengths))]
+    if pool is not None and pool.worth_it(len(items)):
+        pool.check(fingerprint, private=True)
+        values = pool.decrypt(items)
+    else:
+        values = [_decrypt_chunk(ctx, *item) for item in items]
     start = 0
-    for index, (data, n) in enumerate(zip(enc.chunks, lengths)):
-        try:
-            vector = ts.ckks_vector_from(ctx, data)
-            size = int(vector.size())
-            if size == _slots_for(n):
-                out[start : start + n] = seal.decrypt(vector, n)
-        except Exception as exc:  # see EncryptedSum._deserialize
-            raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
-        if size != _slots_for(n):
-            raise CryptoError(f"chunk {index} holds {size} slots, expected {_slots_for(n)} for {n} values")
-        start += n
+    for piece in values:
+        out[start : start + piece.size] = piece
+        start += piece.size
     return out
+
+
+def _decrypt_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> NDArray[np.float64]:
+    try:
+        vector = ts.ckks_vector_from(ctx, data)
+        size = int(vector.size())
+        decoded = _seal(ctx).decrypt(vector, values) if size == _slots_for(values) else None
+    except Exception as exc:  # see EncryptedSum._deserialize
+        raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
+    if decoded is None:
+        raise CryptoError(f"chunk {index} holds {size} slots, expected {_slots_for(values)} for {values} values")
+    return decoded
 
 
 def fresh_noise_bound(params: CkksParameters) -> float:

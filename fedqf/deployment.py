@@ -192,6 +192,8 @@ class InstitutionSettings:
     retry_seconds: float = 300.0
     # Several workers, or several nodes: local training runs as a torch.distributed group (fedqf.workers).
     launch: LaunchSpec | None = None
+    # Processes that encrypt and decrypt in parallel (fedqf.crypto.CryptoPool); 1 keeps it in the daemon's process.
+    crypto_workers: int = 1
 
 
 def load_institution_data(config: FederationConfig, data_file: Path) -> InstitutionData:
@@ -238,7 +240,7 @@ def wait_for_coordinator(address: str, *, printer: Printer, max_seconds: float) 
 
 
 def build_institution(config: FederationConfig, *, name: str, data_file: Path, context: Path | None,
-                      workers: WorkerGroup | None = None) -> Institution:
+                      workers: WorkerGroup | None = None, crypto_workers: int = 1) -> Institution:
     """The institution as its daemon (or its training group's rank 0) holds it: checked data, secret context."""
     from fedqf.institution import Institution
 
@@ -248,7 +250,7 @@ def build_institution(config: FederationConfig, *, name: str, data_file: Path, c
         if context is None:
             raise KeyMaterialError("a CKKS federation needs --context institution.ckks (from `fedqf keys new`)")
         secret = load_private_context(read_file(context, what="CKKS institution context"))
-    return Institution(config, data, name, 0, secret, workers)
+    return Institution(config, data, name, 0, secret, workers, crypto_workers=crypto_workers)
 
 
 def _start_group(settings: InstitutionSettings, launch: LaunchSpec, address: str, *,
@@ -259,7 +261,7 @@ def _start_group(settings: InstitutionSettings, launch: LaunchSpec, address: str
     log_path = settings.state_dir / "workers.log"
     spec = group_settings(settings.config, name=settings.name, data_file=settings.data_file, context=settings.context,
                           state_dir=settings.state_dir, service_address=address,
-                          health_address=settings.health_address)
+                          health_address=settings.health_address, crypto_workers=settings.crypto_workers)
     process = launch_group(launch, spec, log_path=log_path)
     nodes = f" on {launch.nnodes} nodes" if launch.nnodes > 1 else ""
     printer(f"fedqf: {settings.name}: training group of {launch.workers} workers per node{nodes} starting "
@@ -327,7 +329,7 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
     if launch is not None and launch.node_rank > 0:
         return _run_follower_node(settings, launch, printer=printer, stop=stop)
     institution = build_institution(config, name=settings.name, data_file=settings.data_file,
-                                    context=settings.context)
+                                    context=settings.context, crypto_workers=settings.crypto_workers)
     data = institution.data
     if institution.secret_context is not None:
         printer(f"fedqf: CKKS public key fingerprint {key_fingerprint(institution.secret_context)}")

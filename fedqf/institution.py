@@ -48,7 +48,7 @@ from fedqf.blocks import (
     update_name,
 )
 from fedqf.config import FederationConfig, ModelSection, PrivacyMode, SecureAggregationMode, config_from_dict
-from fedqf.crypto import EncryptedVector, decrypt, encrypt, key_fingerprint
+from fedqf.crypto import CryptoPool, EncryptedVector, crypto_pool, decrypt, encrypt, key_fingerprint
 from fedqf.data import Dataset, InstitutionData, SimulatedFederationData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
@@ -91,11 +91,18 @@ class Institution:
     # Where this institution keeps the encrypted blocks of updates and aggregates too large for one message
     # (fedqf.blocks): the daemon's state directory, or a simulation's private work directory.
     blocks_dir: Path | None = None
+    # Processes that encrypt and decrypt its updates and aggregates in parallel (fedqf.crypto.CryptoPool): a daemon
+    # uses the cores it may run on; a simulated institution 1 (the simulation runs institutions side by side).
+    crypto_workers: int = 1
 
     def __post_init__(self) -> None:
         ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
         if ckks and (self.secret_context is None or not self.secret_context.is_private()):
             raise FedqfError("a CKKS federation needs the institutions' context with its secret key")
+
+    @property
+    def crypto_pool(self) -> CryptoPool | None:
+        return crypto_pool(self.secret_context, self.crypto_workers) if self.secret_context is not None else None
 
     @functools.cached_property
     def layout(self) -> ParameterLayout:
@@ -333,7 +340,7 @@ def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributo
         last = _last_decryption
         if last is not None and last[0] == key and last[1] == encrypted.chunks:
             return last[2]
-        decrypted = decrypt(inst.secret_context, encrypted)
+        decrypted = decrypt(inst.secret_context, encrypted, pool=inst.crypto_pool)
         mean = _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
         mean.flags.writeable = False
         _last_decryption = (key, encrypted.chunks, mean)
@@ -394,7 +401,7 @@ def _apply_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int, 
         start, stop = layout.span(index)
         first, last = start * per_slot, min(stop * per_slot, size)
         values = flat_slice(base, first, last)
-        values += _mean_delta(scheme, decrypt(inst.secret_context, vector), last - first, contributors=contributors,
+        values += _mean_delta(scheme, decrypt(inst.secret_context, vector, pool=inst.crypto_pool), last - first, contributors=contributors,
                               weight_sum=weight_sum)
         flat_assign(updated, first, values)
     return updated  # the files stay until a saved state holds this round (prune_blocks)
@@ -427,7 +434,7 @@ def _encrypt_in_blocks(inst: Institution, values_for: Any, bound: float, name: s
     for index in range(layout.blocks):
         start, stop = layout.span(index)
         block = values_for(start * per_slot, min(stop * per_slot, size))
-        vector = encrypt(inst.secret_context, block[: stop - start], bound=bound)
+        vector = encrypt(inst.secret_context, block[: stop - start], bound=bound, pool=inst.crypto_pool)
         files.write(name, index, vector)
         digests.append(block_digest(vector))
         nbytes += vector.nbytes
@@ -668,7 +675,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
                 per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
             encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng, limit=bound),
-                                bound=bound)
+                                bound=bound, pool=inst.crypto_pool)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start

@@ -445,7 +445,13 @@ def _main(grid: Grid, context: Context) -> None:
         inputs = _inputs_from(context)
         federation = inputs.config.federation
         policy = RoundPolicy(min_replies=federation.required_institutions, retries=federation.round_retries)
-        run_federation(StreamingGrid(grid, policy=policy), inputs)
+        streaming = StreamingGrid(grid, policy=policy)
+        if str(context.run_config.get("fedqf-mode", "simulation")) == "simulation":
+            from fedqf.simulation import instruction_window
+
+            # replies wait in the simulation engine, beside the ServerApp, until it adds them: bound how many
+            streaming.window = instruction_window(inputs.config)
+        run_federation(streaming, inputs)
     except FedqfError as exc:
         log(WARNING, "fedqf: federation failed: %s", exc)
         raise

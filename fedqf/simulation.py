@@ -33,11 +33,22 @@ class SimulationResult:
     log_tail: str
 
 
+def _ray_cpus(config: FederationConfig) -> int:
+    return max(os.cpu_count() or 1, config.simulation.cpus_per_institution)
+
+
 def federation_options(config: FederationConfig) -> str:
     """`flwr run --federation-config`: one virtual SuperNode per institution, Ray's CPUs as the federation asks."""
     cpus = config.simulation.cpus_per_institution
     return (f"num-supernodes={config.federation.institutions} client-resources-num-cpus={cpus} "
-            f"init-args-num-cpus={max(os.cpu_count() or 1, cpus)}")
+            f"init-args-num-cpus={_ray_cpus(config)}")
+
+
+def instruction_window(config: FederationConfig) -> int:
+    """Instructions a simulation's coordinator keeps in flight: two per Ray worker (each worker runs one
+    institution at a time, so every worker has the next one waiting), and never more."""
+    workers = max(1, _ray_cpus(config) // config.simulation.cpus_per_institution)
+    return 2 * workers
 
 
 def simulate_federation(

@@ -66,6 +66,10 @@ class StreamingGrid(Grid):
         # Called with an institution's node id when an instruction to it ends in an error reply.
         self.on_failure: Callable[[int], None] | None = None
         self.pull_batch: int | None = None  # pull at most this many replies at once (blocks: one at a time)
+        # At most this many instructions of an exchange in flight (sent, their reply not yet handed on): the next
+        # institution is asked as a reply is consumed. A simulation, whose institutions take turns on a few
+        # workers, sets it, so that replies do not pile up in the engine while the ServerApp adds earlier ones.
+        self.window: int | None = None
 
     def begin_sampling(self, *, fraction: float, min_train: int, min_available: int) -> None:
         """Called by fedqf's strategies as a round starts: Flower's FedAvg sizes its sample from the next node
@@ -145,7 +149,10 @@ class StreamingGrid(Grid):
         exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
                              node_check_interval=self._node_check_interval, before_resend=self.before_send,
                              on_failure=self.on_failure, pull_batch=self.pull_batch)
-        exchange.send(list(outgoing))
+        nodes = list(outgoing)
+        if self.window is not None and self.window < len(nodes):
+            nodes, exchange.queued = nodes[: self.window], nodes[self.window :]
+        exchange.send(nodes)
         return exchange.replies()
 
 
@@ -175,6 +182,7 @@ class _Exchange:
         self.sends: dict[int, int] = {}
         self.answered: set[int] = set()
         self.failed: dict[int, Message] = {}  # node -> its latest error reply, until it answers
+        self.queued: list[int] = []  # not asked yet: waiting for room in the window (StreamingGrid.window)
 
     def send(self, nodes: list[int]) -> None:
         if not nodes:
@@ -231,6 +239,7 @@ class _Exchange:
             "again and waiting another %.0f s (%d retries left)", len(self.answered), len(self.outgoing),
             self.needed, len(silent), self.timeout or 0.0, self.retries_left)
         online = set(self.inner.get_node_ids())
+        self.queued = []  # the window is lifted: everyone who has not answered is asked now
         self.send([n for n in silent if n in online])  # those offline are asked once they are back
         for node in silent:
             if node not in online and node not in self.failed:
@@ -238,9 +247,16 @@ class _Exchange:
         return True
 
     def _settled(self) -> bool:
-        """Everyone answered; or nothing is in flight and the minimum answered, so an institution whose reply was
-        an error is not waited for (with min_institutions below the total, it is left out of this round)."""
-        return len(self.answered) == len(self.outgoing) or (not self.pending and len(self.answered) >= self.needed)
+        """Everyone answered; or nothing is in flight or queued and the minimum answered, so an institution whose
+        reply was an error is not waited for (with min_institutions below the total, it is left out of this
+        round)."""
+        return len(self.answered) == len(self.outgoing) or (
+            not self.pending and not self.queued and len(self.answered) >= self.needed)
+
+    def _ask_next(self) -> None:
+        """A reply was handed on (or failed): the window has room for the next queued institution."""
+        if self.queued:
+            self.send([self.queued.pop(0)])
 
     def replies(self) -> Iterator[Message]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -255,6 +271,7 @@ class _Exchange:
                 node = self.destination.get(message_id)
                 if node is None or node in self.answered:
                     continue  # a second answer to an instruction sent twice: the first one counted
+                self._ask_next()
                 if message.has_error() and self.on_failure is not None:
                     self.on_failure(node)
                 if message.has_error() and not self.training:

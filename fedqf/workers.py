@@ -69,6 +69,7 @@ class GroupSettings:
     service_address: str
     health_address: str | None
     device: str
+    crypto_workers: int = 1
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,8 @@ def _lead(ctx: WorkerContext, settings: GroupSettings) -> int:
     config = config_from_dict(tomllib.loads(settings.federation_toml), source="<worker-group settings>")
     group = WorkerGroup(ctx, config.model, 0, 0, settings.state_dir)
     institution = build_institution(config, name=settings.name, data_file=Path(settings.data_file),
-                                    context=Path(settings.context) if settings.context else None, workers=group)
+                                    context=Path(settings.context) if settings.context else None, workers=group,
+                                    crypto_workers=settings.crypto_workers)
     group.num_features, group.num_classes = institution.data.num_features, institution.data.num_classes
     group.share(institution.data.train)
     service = InstitutionService(institution, Path(settings.state_dir))
@@ -392,11 +394,12 @@ def log_tail(path: Path) -> str:
 
 
 def group_settings(config: FederationConfig, *, name: str, data_file: Path, context: Path | None, state_dir: Path,
-                   service_address: str, health_address: str | None) -> GroupSettings:
+                   service_address: str, health_address: str | None, crypto_workers: int = 1) -> GroupSettings:
     return GroupSettings(
         federation_toml=dump_config(config), name=name, data_file=str(data_file.resolve()),
         context=str(context.resolve()) if context else None, state_dir=str(state_dir.resolve()),
         service_address=service_address, health_address=health_address, device=config.training.device.value,
+        crypto_workers=crypto_workers,
     )
 
 

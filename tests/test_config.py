@@ -129,3 +129,14 @@ def test_override_syntax_errors() -> None:
 
 def test_defaults_form_a_valid_federation() -> None:
     assert isinstance(config_from_dict({}), FederationConfig)
+
+
+def test_institution_crypto_workers_default_to_the_usable_cpus_and_refuse_zero() -> None:
+    import os
+
+    from fedqf.cli import _crypto_workers
+
+    assert _crypto_workers(None) == len(os.sched_getaffinity(0))
+    assert _crypto_workers(3) == 3
+    with pytest.raises(ConfigError, match="--crypto-workers must be at least 1"):
+        _crypto_workers(0)

@@ -493,3 +493,44 @@ def test_decrypted_sum_matches_numpy(
     out = encrypted_sum(small, terms, bound=bound)
     tol = aggregation_tolerance(SMALL, num_terms=len(terms), max_abs=bound)
     assert np.max(np.abs(out - np.sum(terms, axis=0))) <= tol
+
+
+# --- encryption and decryption on several processes -----------------------------------------------------------------
+
+
+def test_a_crypto_pool_encrypts_and_decrypts_what_one_process_does(small: Federation) -> None:
+    from fedqf.crypto import crypto_pool
+
+    assert crypto_pool(small.private, 1) is None
+    pool = crypto_pool(small.private, 2)
+    assert pool is not None and crypto_pool(small.private, 2) is pool  # started once per process and key
+    rng = np.random.default_rng(21)
+    values = rng.uniform(-1.0, 1.0, size=12 * SMALL.values_per_ciphertext + 77)  # 13 chunks, the last one short
+    encrypted = encrypt(small.private, values, bound=1.0, pool=pool)
+    assert len(encrypted.chunks) == 13 and encrypted.fingerprint == small.fingerprint
+    total = small.new_sum(values.size)  # the coordinator takes the pool's ciphertexts like any others
+    total.add(encrypted)
+    aggregate = total.result()
+    alone = decrypt(small.private, aggregate)
+    assert np.max(np.abs(alone - values)) <= aggregation_tolerance(SMALL, num_terms=1, max_abs=1.0)
+    assert np.array_equal(decrypt(small.private, aggregate, pool=pool), alone)  # decryption is deterministic
+
+
+def test_a_crypto_pool_refuses_another_key_and_reports_a_corrupt_chunk(small: Federation) -> None:
+    from fedqf.crypto import CryptoPool, crypto_pool
+
+    with pytest.raises(CryptoError, match="private context"):
+        CryptoPool(small.public, 2)
+    with pytest.raises(CryptoError, match="at least 2 workers"):
+        CryptoPool(small.private, 1)
+    pool = crypto_pool(small.private, 2)
+    assert pool is not None
+    other = Federation(SMALL)
+    values = np.zeros(8 * SMALL.values_per_ciphertext)
+    with pytest.raises(CryptoError, match="crypto pool holds key"):
+        encrypt(other.private, values, bound=1.0, pool=pool)
+    encrypted = encrypt(small.private, values, bound=1.0, pool=pool)
+    corrupt = EncryptedVector(chunks=encrypted.chunks[:5] + (b"garbage" * 40,) + encrypted.chunks[6:],
+                              length=encrypted.length, fingerprint=encrypted.fingerprint)
+    with pytest.raises(CryptoError, match="chunk 5 does not decrypt"):
+        decrypt(small.private, corrupt, pool=pool)

@@ -174,7 +174,7 @@ def test_a_restarted_daemon_neither_retrains_a_sent_round_nor_records_a_spend_tw
 
 def test_a_simulation_worker_splits_the_federation_data_once_for_all_its_institutions(monkeypatch) -> None:
     import fedqf.data
-    import fedqf.institution as institution
+    from fedqf import institution
 
     calls: list[int] = []
     real = fedqf.data.simulate_federation_data
@@ -215,7 +215,7 @@ def test_synthetic_data_is_generated_on_one_blas_thread(monkeypatch) -> None:
 
 
 def test_institutions_in_one_process_decrypt_an_aggregate_once(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import fedqf.institution as institution
+    from fedqf import institution
 
     inst, layout, initial, aggregates = setup
     other = Institution(inst.config, simulate_federation_data(inst.config.data, institutions=2, seed=3).institutions[1],
@@ -223,9 +223,9 @@ def test_institutions_in_one_process_decrypt_an_aggregate_once(setup, monkeypatc
     calls: list[int] = []
     real = institution.decrypt
 
-    def counting(ctx, enc):  # type: ignore[no-untyped-def]
+    def counting(ctx, enc, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(enc.length)
-        return real(ctx, enc)
+        return real(ctx, enc, **kwargs)
 
     monkeypatch.setattr(institution, "decrypt", counting)
     monkeypatch.setattr(institution, "_last_decryption", None)

@@ -8,7 +8,15 @@ from flwr.app import Array, ArrayRecord
 
 from fedqf.crypto import EncryptedVector
 from fedqf.errors import UpdateRejectedError
-from fedqf.protocol import CHUNK_SIZES, CKKS_PREFIX, CKKS_STYPE, GROUP_BYTES, chunks_to_record, encrypted_to_record, record_to_encrypted
+from fedqf.protocol import (
+    CHUNK_SIZES,
+    CKKS_PREFIX,
+    CKKS_STYPE,
+    GROUP_BYTES,
+    chunks_to_record,
+    encrypted_to_record,
+    record_to_encrypted,
+)
 
 FINGERPRINT = "ab" * 32
 

@@ -272,3 +272,50 @@ def test_pull_batch_pulls_one_reply_at_a_time() -> None:
     grid.pull_batch = 1
     replies = list(grid.send_and_receive(_instructions([1, 2, 3], MessageType.QUERY), timeout=30.0))
     assert len(replies) == 3 and max(asked) == 1
+
+
+def _windowed(fake: FakeGrid, policy: RoundPolicy, window: int, *, timeout: float = 30.0) -> tuple[list[Message], list[int]]:
+    """An exchange with `window` instructions in flight; also the number in flight after each push."""
+    in_flight: list[int] = []
+    push = fake.push_messages
+    answered: set[str] = set()
+
+    def counting(messages: Iterable[Message]) -> Iterable[str]:
+        ids = list(push(messages))
+        in_flight.append(sum(fake.pushed.values()) - len(answered))
+        return ids
+
+    fake.push_messages = counting  # type: ignore[method-assign]
+    grid = StreamingGrid(fake, policy=policy, poll_interval=0.001, node_check_interval=0.0)  # type: ignore[arg-type]
+    grid.window = window
+    replies = []
+    for reply in grid.send_and_receive(_instructions(sorted(fake.nodes)), timeout=timeout):
+        answered.add(reply.metadata.reply_to_message_id)
+        replies.append(reply)
+    return replies, in_flight
+
+
+def test_a_window_keeps_at_most_that_many_instructions_in_flight_and_asks_everyone() -> None:
+    fake = FakeGrid({n: Node(["answer"]) for n in range(1, 11)})
+    replies, in_flight = _windowed(fake, RoundPolicy(min_replies=10), window=3)
+    assert sorted(r.metadata.src_node_id for r in replies) == list(range(1, 11))
+    assert not any(r.has_error() for r in replies)
+    assert fake.pushed == Counter({n: 1 for n in range(1, 11)})
+    assert in_flight[0] == 3 and max(in_flight) <= 3 + 1  # the next is asked while a reply is being handed on
+
+
+def test_a_window_moves_on_past_a_crashed_institution_and_asks_it_again() -> None:
+    fake = FakeGrid({1: Node(["crash", "answer"]), **{n: Node(["answer"]) for n in range(2, 6)}})
+    replies, _ = _windowed(fake, RoundPolicy(min_replies=5, resend_interval=0.001), window=2)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3, 4, 5]
+    assert not any(r.has_error() for r in replies)
+    assert fake.pushed[1] == 2
+
+
+def test_a_windowed_round_that_is_short_at_the_deadline_asks_all_the_others_once() -> None:
+    # institution 1 never answers its first instruction: the window never reaches 4 and 5 before the deadline
+    fake = FakeGrid({1: Node(["lose", "answer"]), 2: Node(["lose", "answer"]), **{n: Node(["answer"]) for n in (3, 4, 5)}})
+    replies, _ = _windowed(fake, RoundPolicy(min_replies=5, retries=1), window=2, timeout=0.05)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3, 4, 5]
+    assert not any(r.has_error() for r in replies)
+    assert fake.pushed == Counter({1: 2, 2: 2, 3: 1, 4: 1, 5: 1})

@@ -1,0 +1,108 @@
+"""Encryption and decryption of one large update on several processes (issue 4: "use all cores for encryption").
+
+An institution's update of N parameters, packed as sandboxes/large_model packs it (4-bit values, 4 per encoded value,
+two per complex slot), is encrypted under the secret key and its aggregate decrypted, first in the calling process
+(`fedqf.crypto.encrypt` / `decrypt` without a pool, as before) and then on `fedqf.crypto.CryptoPool`s of 2, 4, ...
+workers, each run repeated and interleaved; the pool's start-up (spawning workers, loading the context) is timed
+apart, since a daemon pays it once. Prints seconds and the speed-up over one process.
+
+    PYTHONPATH=. python benchmarks/crypto_pool.py [--params 10000000] [--workers 2 4 8 16] [--repeat 3] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fedqf.config import load_config
+from fedqf.crypto import (
+    CryptoPool,
+    EncryptedSum,
+    crypto_pool,
+    decrypt,
+    encrypt,
+    generate_context,
+    key_fingerprint,
+    load_public_context,
+    serialize_public_context,
+)
+from fedqf.packing import PackingScheme, ckks_parameters_of
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=10_000_000)
+    cpus = len(os.sched_getaffinity(0))
+    parser.add_argument("--workers", type=int, nargs="+", default=[w for w in (2, 4, 8, 16) if w <= cpus] or [2])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    config = load_config(REPO / "sandboxes" / "large_model" / "federation.toml")
+    params = ckks_parameters_of(config)
+    sa = config.secure_aggregation
+    scheme = PackingScheme.design(params, bits=sa.quantization_bits, max_contributors=config.federation.institutions,
+                                  value_bound=sa.value_bound)
+    secret = generate_context(params)
+    public = load_public_context(serialize_public_context(secret))
+    rng = np.random.default_rng(0)
+    packed = scheme.pack(scheme.quantize(rng.uniform(-sa.value_bound, sa.value_bound, args.params).astype(np.float32),
+                                         rng))
+    update = encrypt(secret, packed, bound=scheme.slot_bound)
+    total = EncryptedSum(public, length=update.length, fingerprint=key_fingerprint(public))
+    total.add(update)
+    aggregate = total.result()
+    print(f"{args.params:,} parameters: {len(update.chunks)} ciphertexts; {cpus} CPUs; workers {args.workers}",
+          flush=True)
+
+    pools: dict[int, CryptoPool] = {}
+    startup: dict[int, float] = {}
+    for w in args.workers:
+        start = time.perf_counter()
+        pool = crypto_pool(secret, w)
+        assert pool is not None
+        encrypt(secret, packed[: 2 * w * params.values_per_ciphertext], bound=scheme.slot_bound, pool=pool)  # warm
+        startup[w] = time.perf_counter() - start
+        pools[w] = pool
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        for w in [1, *args.workers]:
+            pool = pools.get(w)
+            start = time.perf_counter()
+            encrypt(secret, packed, bound=scheme.slot_bound, pool=pool)
+            times.setdefault(f"encrypt-{w}", []).append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = decrypt(secret, aggregate, pool=pool)
+            times.setdefault(f"decrypt-{w}", []).append(time.perf_counter() - start)
+            assert np.array_equal(np.rint(out), packed)
+    print("| workers | encrypt s | speed-up | decrypt s | speed-up | pool start-up s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    base_e, base_d = statistics.median(times["encrypt-1"]), statistics.median(times["decrypt-1"])
+    rows = []
+    for w in [1, *args.workers]:
+        e, d = statistics.median(times[f"encrypt-{w}"]), statistics.median(times[f"decrypt-{w}"])
+        rows.append({"workers": w, "encrypt_s": e, "decrypt_s": d, "startup_s": startup.get(w, 0.0)})
+        print(f"| {w} | {e:.2f} | {base_e / e:.2f}x | {d:.2f} | {base_d / d:.2f}x | "
+              f"{startup.get(w, 0.0):.2f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": platform.node(),
+            "cpus": cpus, "params": args.params, "ciphertexts": len(update.chunks), "repeat": args.repeat,
+            "rows": rows, "times": times}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
