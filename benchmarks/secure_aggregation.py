@@ -74,7 +74,9 @@ APP_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "benchmarks"), 
 
 
 class MemorySampler:
-    """Samples VmRSS and VmHWM (KiB) of every process whose cmdline contains one of `patterns`, every `period` s."""
+    """Samples VmRSS and VmHWM (KiB) of every process whose cmdline contains one of `patterns`, every `period` s,
+    and keeps the series of RssAnon (private memory; RSS also counts the shared pages of Ray's object store that
+    the process maps, and its libraries) with the time of each sample."""
 
     def __init__(self, patterns: tuple[str, ...], period: float = 0.2) -> None:
         self.patterns = patterns
@@ -82,6 +84,7 @@ class MemorySampler:
         self.peak_rss_kib: dict[str, int] = {}
         self.peak_hwm_kib: dict[str, int] = {}
         self.seen: dict[str, set[int]] = {p: set() for p in patterns}
+        self.anon: dict[str, list[tuple[float, int]]] = {p: [] for p in patterns}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -110,8 +113,9 @@ class MemorySampler:
                 except OSError:
                     continue
                 values = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in status.splitlines()
-                                                             if ln.startswith(("VmRSS", "VmHWM")))}
+                                                             if ln.startswith(("VmRSS", "VmHWM", "RssAnon")))}
                 self.seen[pattern].add(int(entry.name))
+                self.anon[pattern].append((time.monotonic(), values.get("RssAnon", 0)))
                 self.peak_rss_kib[pattern] = max(self.peak_rss_kib.get(pattern, 0), values.get("VmRSS", 0))
                 self.peak_hwm_kib[pattern] = max(self.peak_hwm_kib.get(pattern, 0), values.get("VmHWM", 0))
             self._stop.wait(self.period)
@@ -161,12 +165,22 @@ def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()
+    lines: list[str] = []
+    marks: dict[str, float] = {}  # when the first round started and the last round's aggregate was made
     with MemorySampler((*COORDINATOR_PATTERNS, SUPERLINK_PATTERN)) as sampler:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append(line)
+                if line.startswith("[ROUND 1/"):
+                    marks["first_round"] = time.monotonic()
+                elif "institutions trained" in line:
+                    marks["last_trained"] = time.monotonic()
+        returncode = process.returncode
     outer = time.perf_counter() - started
-    (out_dir.parent / f"{out_dir.name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise FederationError(f"{label}: fedqf simulate exited {result.returncode}:\n{result.stderr[-2000:]}")
+    (out_dir.parent / f"{out_dir.name}.log").write_text("".join(lines))
+    if returncode != 0:
+        raise FederationError(f"{label}: fedqf simulate exited {returncode}:\n{''.join(lines)[-2000:]}")
     with (out_dir / "history.csv").open(newline="") as handle:
         seconds = [float(row["round_seconds"]) for row in csv.DictReader(handle)]
     with (out_dir / "institutions.csv").open(newline="") as handle:
@@ -176,7 +190,23 @@ def run_fedqf(label: str, config_path: Path, overrides: list[str], out_dir: Path
                           _mib(sampler.peak_hwm_kib), outer, summary.get("final_accuracy"),
                           {"bytes_sent_min_max": [min(sent), max(sent)], "command": " ".join(command[1:]),
                            "ckks_parameters": summary.get("ckks"),
-                           "processes_seen": {k: len(v) for k, v in sampler.seen.items()}})
+                           "processes_seen": {k: len(v) for k, v in sampler.seen.items()},
+                           "private_mib": _private_during_rounds(sampler.anon, marks)})
+
+
+def _private_during_rounds(series: dict[str, list[tuple[float, int]]],
+                           marks: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per process: private memory (RssAnon, MiB) in the last sample before the first round, and its peak over
+    the samples from then until the last round's aggregate was made (final evaluation and release excluded)."""
+    out: dict[str, dict[str, float]] = {}
+    if "first_round" not in marks or "last_trained" not in marks:
+        return out
+    for pattern, samples in series.items():
+        before = [kib for t, kib in samples if t <= marks["first_round"]]
+        during = [kib for t, kib in samples if marks["first_round"] <= t <= marks["last_trained"]]
+        if before and during:
+            out[pattern] = {"at_first_round": before[-1] / 1024, "peak_in_rounds": max(during) / 1024}
+    return out
 
 
 def run_secaggplus(config: FederationConfig, out_dir: Path, params: int, *, num_shares: int,
@@ -278,8 +308,9 @@ def sweep_table(rows: dict[str, dict[str, object]]) -> str:
 
     header = ("| institutions | one encrypted update MiB | `flwr-simulation` VmHWM MiB, CKKS | growth from the fewest "
               "institutions, MiB | growth / one update | `flwr-simulation` VmHWM MiB, plaintext | "
-              "`flower-superlink` VmHWM MiB, CKKS | mean round s, CKKS / plaintext |")
-    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "`flower-superlink` VmHWM MiB, CKKS | mean round s, CKKS / plaintext | `flwr-simulation` private MiB "
+              "at round 1, CKKS | its peak in the rounds | peak above round 1 / one update |")
+    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     counts = sorted({int(r["institutions"]) for r in rows.values()})  # type: ignore[call-overload]
     first: float | None = None
     for n in counts:
@@ -289,10 +320,14 @@ def sweep_table(rows: dict[str, dict[str, object]]) -> str:
         first = sim if first is None else first
         growth = None if sim is None or first is None else sim - first
         rounds = [f"{statistics.fmean(r['round_seconds']):.2f}" if r else "-" for r in (ckks, plain)]  # type: ignore[arg-type]
+        private = ckks["notes"].get("private_mib", {}).get("flwr-simulation") if ckks else None  # type: ignore[attr-defined]
+        above = private["peak_in_rounds"] - private["at_first_round"] if private else None
         lines.append(f"| {n} | {cell(update_mib, '{:.1f}')} | {cell(sim)} | {cell(growth, '{:+.0f}')} | "
                      f"{cell(None if growth is None or not update_mib else growth / update_mib, '{:.1f}x')} | "
                      f"{cell(hwm(plain, 'flwr-simulation'))} | {cell(hwm(ckks, SUPERLINK_PATTERN))} | "
-                     f"{rounds[0]} / {rounds[1]} |")
+                     f"{rounds[0]} / {rounds[1]} | {cell(private['at_first_round'] if private else None)} | "
+                     f"{cell(private['peak_in_rounds'] if private else None)} | "
+                     f"{cell(None if above is None or not update_mib else above / update_mib, '{:.1f}x')} |")
     return "\n".join(lines)
 
 
