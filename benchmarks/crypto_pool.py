@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedqf.config import load_config
 from fedqf.crypto import (
+    CkksParameters,
     CryptoPool,
     EncryptedSum,
     crypto_pool,
@@ -39,7 +40,7 @@ from fedqf.crypto import (
     load_public_context,
     serialize_public_context,
 )
-from fedqf.packing import PackingScheme, ckks_parameters_of
+from fedqf.packing import PackingScheme
 
 
 def main() -> None:
@@ -51,15 +52,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    config = load_config(REPO / "sandboxes" / "large_model" / "federation.toml")
-    params = ckks_parameters_of(config)
-    sa = config.secure_aggregation
-    scheme = PackingScheme.design(params, bits=sa.quantization_bits, max_contributors=config.federation.institutions,
-                                  value_bound=sa.value_bound)
+    # sandboxes/large_model's parameters, read from its file without the rest of fedqf (no Flower needed)
+    raw = tomllib.loads((REPO / "sandboxes" / "large_model" / "federation.toml").read_text())
+    sa = raw["secure_aggregation"]
+    params = CkksParameters(poly_modulus_degree=int(sa.get("poly_modulus_degree", 8192)),
+                            coeff_mod_bit_sizes=tuple(sa["coeff_mod_bit_sizes"]), global_scale_bits=int(sa["scale_bits"]))
+    value_bound = float(sa["value_bound"])
+    scheme = PackingScheme.design(params, bits=int(sa["quantization_bits"]),
+                                  max_contributors=int(raw["federation"]["institutions"]), value_bound=value_bound)
     secret = generate_context(params)
     public = load_public_context(serialize_public_context(secret))
     rng = np.random.default_rng(0)
-    packed = scheme.pack(scheme.quantize(rng.uniform(-sa.value_bound, sa.value_bound, args.params).astype(np.float32),
+    packed = scheme.pack(scheme.quantize(rng.uniform(-value_bound, value_bound, args.params).astype(np.float32),
                                          rng))
     update = encrypt(secret, packed, bound=scheme.slot_bound)
     total = EncryptedSum(public, length=update.length, fingerprint=key_fingerprint(public))

@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -495,7 +496,10 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float,
     fingerprint = key_fingerprint(ctx)
     if pool is not None and pool.worth_it(len(pieces)):
         pool.check(fingerprint, private=ctx.is_private())
-        return EncryptedVector(chunks=pool.encrypt(pieces), length=int(x.size), fingerprint=fingerprint)
+        try:
+            return EncryptedVector(chunks=pool.encrypt(pieces), length=int(x.size), fingerprint=fingerprint)
+        except _PoolBroken:
+            pass  # a worker died (killed, out of memory): this vector is encrypted here; the next call gets a new pool
     seal = _seal(ctx)
     try:
         chunks = tuple(seal.encrypt(piece) for piece in pieces)
@@ -529,6 +533,7 @@ class CryptoPool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.workers = workers
+        self.broken = False  # a worker died: the pool is replaced at the next crypto_pool() call
         self.fingerprint = key_fingerprint(ctx)
         self.per_chunk = CkksParameters.from_context(ctx).values_per_ciphertext
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -547,18 +552,16 @@ class CryptoPool:
     def encrypt(self, pieces: list[NDArray[np.float64]]) -> tuple[bytes, ...]:
         try:
             return tuple(self._executor.map(_pool_encrypt, pieces, chunksize=self._batch(len(pieces))))
-        except CryptoError:
-            raise
-        except Exception as exc:  # a worker died, or SEAL refused
-            raise CryptoError(f"the crypto pool could not encrypt the vector ({type(exc).__name__})") from exc
+        except BrokenProcessPool as exc:
+            self.broken = True
+            raise _PoolBroken from exc
 
     def decrypt(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.float64]]:
         try:
             return list(self._executor.map(_pool_decrypt, chunks, chunksize=self._batch(len(chunks))))
-        except CryptoError:
-            raise
-        except Exception as exc:
-            raise CryptoError(f"the crypto pool could not decrypt the vector ({type(exc).__name__})") from exc
+        except BrokenProcessPool as exc:
+            self.broken = True
+            raise _PoolBroken from exc
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -576,6 +579,9 @@ def crypto_pool(ctx: ts.Context, workers: int) -> CryptoPool | None:
     key = (key_fingerprint(ctx), workers)
     with _pools_lock:
         pool = _pools.get(key)
+        if pool is not None and pool.broken:
+            pool.close()
+            pool = None
         if pool is None:
             pool = _pools[key] = CryptoPool(ctx, workers)
             if len(_pools) == 1:
@@ -590,6 +596,10 @@ def _close_pools() -> None:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+
+
+class _PoolBroken(Exception):
+    """A pool worker died mid-call; the caller does the work in its own process."""
 
 
 _pool_context: ts.Context | None = None
@@ -778,10 +788,14 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = 
         raise CryptoError(f"{len(enc.chunks)} chunks cannot hold {enc.length} values, expected {len(lengths)}")
     out = np.empty(enc.length, dtype=np.float64)
     items = [(index, data, n) for index, (data, n) in enumerate(zip(enc.chunks, lengths))]
+    values: list[NDArray[np.float64]] | None = None
     if pool is not None and pool.worth_it(len(items)):
         pool.check(fingerprint, private=True)
-        values = pool.decrypt(items)
-    else:
+        try:
+            values = pool.decrypt(items)
+        except _PoolBroken:
+            pass  # as in encrypt: decrypted here instead
+    if values is None:
         values = [_decrypt_chunk(ctx, *item) for item in items]
     start = 0
     for piece in values:

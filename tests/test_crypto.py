@@ -534,3 +534,24 @@ def test_a_crypto_pool_refuses_another_key_and_reports_a_corrupt_chunk(small: Fe
                               length=encrypted.length, fingerprint=encrypted.fingerprint)
     with pytest.raises(CryptoError, match="chunk 5 does not decrypt"):
         decrypt(small.private, corrupt, pool=pool)
+
+
+def test_a_crypto_pool_whose_worker_died_is_replaced_and_the_vector_still_encrypted(small: Federation) -> None:
+    import os
+    import signal
+
+    from fedqf.crypto import crypto_pool
+
+    pool = crypto_pool(small.private, 2)
+    assert pool is not None
+    values = np.random.default_rng(5).uniform(-1.0, 1.0, size=6 * SMALL.values_per_ciphertext)
+    encrypt(small.private, values, bound=1.0, pool=pool)  # the workers are up
+    for pid in list(pool._executor._processes):  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGKILL)
+    encrypted = encrypt(small.private, values, bound=1.0, pool=pool)  # done in this process instead
+    assert pool.broken
+    assert np.max(np.abs(decrypt(small.private, encrypted) - values)) <= aggregation_tolerance(
+        SMALL, num_terms=1, max_abs=1.0)
+    fresh = crypto_pool(small.private, 2)
+    assert fresh is not None and fresh is not pool and not fresh.broken
+    assert np.array_equal(decrypt(small.private, encrypted, pool=fresh), decrypt(small.private, encrypted))
