@@ -94,6 +94,9 @@ class Institution:
     # Processes that encrypt and decrypt its updates and aggregates in parallel (fedqf.crypto.CryptoPool): a daemon
     # uses the cores it may run on; a simulated institution 1 (the simulation runs institutions side by side).
     crypto_workers: int = 1
+    # Several institutions share this process (a simulation worker): an aggregate that one of them decrypted is
+    # reused by the others (_decrypted_mean). A daemon hosts one and keeps nothing of the kind.
+    shares_process: bool = False
 
     def __post_init__(self) -> None:
         ckks = self.config.secure_aggregation.mode is SecureAggregationMode.CKKS
@@ -319,10 +322,10 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
     return aggregate_round, layout.unflatten(updated)
 
 
-# The last aggregate this process decrypted, and its mean delta. A simulation worker hosts several institutions
-# in turn, and every one of them receives the same aggregate, encrypted under the same key, in a round: the
-# first decrypts it, the others find the same ciphertext bytes here. A daemon hosts one institution and decrypts
-# each aggregate once anyway.
+# The last aggregate this process decrypted, and its mean delta, for institutions that share the process
+# (Institution.shares_process). A simulation worker hosts several institutions in turn, and every one of them
+# receives the same aggregate, encrypted under the same key, in a round: the first decrypts it, the others find
+# the same ciphertext bytes here. A daemon hosts one institution and decrypts each aggregate once anyway.
 _last_decryption: tuple[tuple[Any, ...], tuple[bytes, ...], npt.NDArray[np.float32]] | None = None
 _last_decryption_lock = threading.Lock()
 
@@ -336,6 +339,9 @@ def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributo
     scheme = scheme_for(inst.config)
     key = (key_fingerprint(inst.secret_context), encrypted.fingerprint, encrypted.length, inst.layout.size, scheme,
            contributors, weight_sum)
+    if not inst.shares_process:
+        decrypted = decrypt(inst.secret_context, encrypted, pool=inst.crypto_pool)
+        return _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
     with _last_decryption_lock:
         last = _last_decryption
         if last is not None and last[0] == key and last[1] == encrypted.chunks:
@@ -838,7 +844,7 @@ def handle_simulated(
     torch.set_num_threads(config.simulation.torch_threads)
     work = str(run_config.get("fedqf-work", "")) if run_config.get("fedqf-mode", "simulation") == "simulation" else ""
     inst = Institution(config, data, f"institution-{index}", index, secret,
-                       blocks_dir=Path(work) / f"institution-{index}-blocks" if work else None)
+                       blocks_dir=Path(work) / f"institution-{index}-blocks" if work else None, shares_process=True)
     state = InstitutionState.from_records(state_records)
     # The simulated institution's copy of the global model lives in the simulation's private work directory, not
     # in Flower's Context: the contexts of every simulated institution share the coordinator's process.

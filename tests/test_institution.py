@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -217,9 +219,10 @@ def test_synthetic_data_is_generated_on_one_blas_thread(monkeypatch) -> None:
 def test_institutions_in_one_process_decrypt_an_aggregate_once(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from fedqf import institution
 
-    inst, layout, initial, aggregates = setup
+    alone_inst, layout, initial, aggregates = setup
+    inst = dataclasses.replace(alone_inst, shares_process=True)  # as a simulation worker makes them
     other = Institution(inst.config, simulate_federation_data(inst.config.data, institutions=2, seed=3).institutions[1],
-                        "b", 1, inst.secret_context)
+                        "b", 1, inst.secret_context, shares_process=True)
     calls: list[int] = []
     real = institution.decrypt
 
@@ -256,3 +259,9 @@ def test_institutions_in_one_process_decrypt_an_aggregate_once(setup, monkeypatc
         halves.append(layout.flatten(state.global_arrays) - layout.flatten(base))
     assert len(calls) == 5
     np.testing.assert_allclose(halves[1], halves[0] / 2, atol=1e-6)
+    # an institution that has its process to itself (a daemon) neither keeps nor reuses a decryption
+    monkeypatch.setattr(institution, "_last_decryption", None)
+    for _ in range(2):
+        state = InstitutionState(2, base)
+        evaluate_round(alone_inst, state, _content(aggregates[3]))
+    assert len(calls) == 7 and institution._last_decryption is None
