@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
@@ -379,10 +379,16 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             printer(f"fedqf: {settings.name}: SuperNode started, connecting to {settings.superlink} over TLS")
             log(INFO, "institution service at %s", address)
             started = time.monotonic()
+            watch = SessionWatch(log_path)
             while supernode.poll() is None and not stopping[0] and not (stop is not None and stop()):
                 if group is not None and group.poll() is not None:
                     raise FederationError(f"the training group stopped (exit code {group.returncode}): "
                                           f"{_group_log_tail(group_log)}")
+                if watch.stuck():
+                    printer(f"fedqf: {settings.name}: the coordinator no longer knows this SuperNode's session (it "
+                            "restarted) and the SuperNode did not exit; stopping it to connect again")
+                    stop_process_group(supernode)
+                    break
                 time.sleep(0.5)
             if supernode.poll() is None or stopping[0]:
                 break
@@ -414,6 +420,37 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
             extra.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class SessionWatch:
+    """Reads a SuperNode's log as it grows. A coordinator that restarted answers the old session with 401
+    Unauthorized; Flower's SuperNode then exits, but it was seen to hang in its exit path instead (a telemetry
+    thread that never started), and a SuperNode that never exits never connects again. `stuck()` is True once
+    `grace` seconds have passed since such an answer."""
+
+    MARKER: Final = "401 Unauthorized"
+
+    def __init__(self, log_path: Path, *, grace: float = 10.0) -> None:
+        self.log_path = log_path
+        self.grace = grace
+        self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.since: float | None = None
+        self.tail = ""
+
+    def stuck(self) -> bool:
+        if self.since is None:
+            try:
+                with self.log_path.open("rb") as handle:
+                    handle.seek(self.offset)
+                    data = handle.read()
+            except OSError:
+                return False
+            self.offset += len(data)
+            window = self.tail + data.decode(errors="replace")
+            self.tail = window[-len(self.MARKER):]  # a marker cut between two reads is still found
+            if self.MARKER in window:
+                self.since = time.monotonic()
+        return self.since is not None and time.monotonic() - self.since >= self.grace
 
 
 def node_keys_from(paths: Sequence[Path]) -> tuple[Path, ...]:

@@ -556,3 +556,25 @@ def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> No
 
     weights = torch.load(out / "model.pt")
     assert sum(t.numel() for t in weights.values()) == 30 * 256 + 256 + 256 * 256 + 256 + 256 * 2 + 2
+
+
+def test_a_supernode_that_hangs_after_its_session_is_refused_is_found_stuck(tmp_path: Path) -> None:
+    """Flower's SuperNode was seen to hang in its exit path after a restarted coordinator answered 401: the daemon
+    notices it from the log, after a grace period, and restarts it (a SuperNode that never exits never reconnects)."""
+    from fedqf.deployment import SessionWatch
+
+    log_path = tmp_path / "supernode.log"
+    log_path.write_text("an earlier SuperNode's 401 Unauthorized is not this one's\n")
+    watch = SessionWatch(log_path, grace=0.3)
+    with log_path.open("a") as handle:
+        handle.write("INFO: Sent successfully\nhttpx.HTTPStatusError: Client error '401 Unauth")
+    assert not watch.stuck()
+    with log_path.open("a") as handle:
+        handle.write("orized' for url 'https://127.0.0.1:9092/v1/fleet/pull-messages'\n")
+    assert not watch.stuck()  # found, but the SuperNode still has the grace period to exit by itself
+    time.sleep(0.35)
+    assert watch.stuck()
+    healthy = tmp_path / "healthy.log"
+    healthy.write_text("INFO: Received successfully\n")
+    quiet = SessionWatch(healthy, grace=0.0)
+    assert not quiet.stuck()
