@@ -19,6 +19,7 @@ import math
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -608,6 +609,14 @@ _pool_context: ts.Context | None = None
 def _pool_start(private: bytes) -> None:
     global _pool_context
     _pool_context = load_private_context(private)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a worker holds the secret key: it must not outlive a killed daemon
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="fedqf-crypto-parent-watch", daemon=True).start()
 
 
 def _pool_encrypt(values: NDArray[np.float64]) -> bytes:
@@ -658,6 +667,7 @@ class EncryptedSum:
         self._sum: list[ts.CKKSVector] = []
         self._count: int = 0
         self._drained: bool = False
+        self._broken: bool = False
 
     @property
     def count(self) -> int:
@@ -678,6 +688,7 @@ class EncryptedSum:
                 values, or is not a fresh top-level ciphertext at the federation's scale. The sum is then unchanged.
         """
         self._check(update)
+        self._check_usable()
         if self._drained:
             raise FederationError("the encrypted sum was drained; it takes no more updates")
         added: list[int] = []
@@ -690,13 +701,22 @@ class EncryptedSum:
                     self._sum.append(vector)
                 added.append(index)
         except BaseException:
-            if self._count:
-                for index in added:
-                    self._sum[index].sub_(ts.ckks_vector_from(self._context, update.chunks[index]))
-            else:
-                self._sum = []
+            try:
+                if self._count:
+                    for index in added:
+                        self._sum[index].sub_(ts.ckks_vector_from(self._context, update.chunks[index]))
+                else:
+                    self._sum = []
+            except BaseException:
+                self._broken = True  # part of a rejected update may be left in the sum: it must not be used
+                raise
             raise
         self._count += 1
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise FederationError("the encrypted sum could not undo a rejected update and is unusable; expected a new "
+                                  "sum for this round")
 
     def _check(self, update: EncryptedVector) -> None:
         if not isinstance(update, EncryptedVector):
@@ -739,6 +759,7 @@ class EncryptedSum:
         Raises:
             FederationError: no update has been added.
         """
+        self._check_usable()
         if self._drained:
             raise FederationError("the encrypted sum was drained already")
         if not self._sum:
@@ -754,6 +775,7 @@ class EncryptedSum:
         Raises:
             FederationError: no update has been added, or the sum was drained already.
         """
+        self._check_usable()
         if self._drained:
             raise FederationError("the encrypted sum was drained already")
         if not self._sum:

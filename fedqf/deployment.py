@@ -423,19 +423,21 @@ def run_institution(settings: InstitutionSettings, *, printer: Printer = print,
 
 
 class SessionWatch:
-    """Reads a SuperNode's log as it grows. A coordinator that restarted answers the old session with 401
-    Unauthorized; Flower's SuperNode then exits, but it was seen to hang in its exit path instead (a telemetry
-    thread that never started), and a SuperNode that never exits never connects again. `stuck()` is True once
-    `grace` seconds have passed since such an answer."""
+    """Reads a SuperNode's log as it grows. A coordinator that restarted answers the old session's Fleet API calls
+    with 401 Unauthorized; Flower's SuperNode then exits, but it was seen to hang in its exit path instead (a
+    telemetry thread that never started), and a SuperNode that never exits never connects again. `stuck()` is True
+    once `grace` seconds have passed since such an answer. Only the Fleet API counts: the SuperExec and ClientApp
+    processes log into the same file, and their local runtime API answers 401 for an expired task."""
 
     MARKER: Final = "401 Unauthorized"
+    FLEET: Final = "/v1/fleet/"
 
     def __init__(self, log_path: Path, *, grace: float = 10.0) -> None:
         self.log_path = log_path
         self.grace = grace
         self.offset = log_path.stat().st_size if log_path.exists() else 0
         self.since: float | None = None
-        self.tail = ""
+        self.partial = ""  # the last line read, until its end arrives
 
     def stuck(self) -> bool:
         if self.since is None:
@@ -446,9 +448,8 @@ class SessionWatch:
             except OSError:
                 return False
             self.offset += len(data)
-            window = self.tail + data.decode(errors="replace")
-            self.tail = window[-len(self.MARKER):]  # a marker cut between two reads is still found
-            if self.MARKER in window:
+            *lines, self.partial = (self.partial + data.decode(errors="replace")).split("\n")
+            if any(self.MARKER in line and self.FLEET in line for line in lines):
                 self.since = time.monotonic()
         return self.since is not None and time.monotonic() - self.since >= self.grace
 

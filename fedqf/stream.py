@@ -201,12 +201,17 @@ class _Exchange:
             self.before_resend(resent)  # e.g. deliver again what an institution that failed has lost
         ids = list(self.inner.push_messages(messages))
         now = time.monotonic()
+        refused = 0
         for node, message_id in zip(nodes, ids):
             self.sent_at[node] = now
             self.sends[node] = self.sends.get(node, 0) + 1
             if message_id:
                 self.destination[message_id] = node
                 self.pending.add(message_id)
+            else:
+                refused += 1
+        for _ in range(refused):  # an instruction the SuperLink did not take holds no place in the window
+            self._ask_next()
 
     def _in_flight(self, node: int) -> bool:
         return any(self.destination[mid] == node for mid in self.pending)
@@ -299,7 +304,9 @@ class _Exchange:
         limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
         for node, message in self.outgoing.items():
             if node not in self.answered:
-                yield self.failed.get(node) or _error_reply(message, node, f"no reply{limit}, the round's deadline")
+                reason = (f"no reply{limit}, the round's deadline" if node in self.sends else
+                          f"not asked: the round's deadline{limit} came while it waited for a place in the window")
+                yield self.failed.get(node) or _error_reply(message, node, reason)
 
 
 def _metadata_from(node: int, m: Metadata, *, message_id: str, reply_to: str) -> Metadata:

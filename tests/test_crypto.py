@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -438,6 +439,72 @@ def test_a_first_update_rejected_at_its_last_chunk_leaves_the_sum_empty(
         total.result()
     total.add(second)
     assert total.result().chunks == second_sum_chunks(small, second)
+
+
+def test_a_sum_that_could_not_undo_a_rejected_update_refuses_to_be_used(
+    small: Federation, two_chunk: tuple[EncryptedSum, np.ndarray, EncryptedVector], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedqf.crypto as crypto_module
+
+    _, first, second = two_chunk
+    total = small.new_sum(second.length)
+    total.add(encrypt(small.private, first, bound=1.0))
+    broken = EncryptedVector(chunks=(second.chunks[0], b"garbage" * 50), length=second.length,
+                             fingerprint=second.fingerprint)
+    calls = [0]
+    real = crypto_module.ts.ckks_vector_from
+
+    def failing_undo(ctx, data):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 3:  # chunk 0 added, chunk 1 rejected, then undoing chunk 0 fails
+            raise MemoryError("no memory to undo")
+        return real(ctx, data)
+
+    monkeypatch.setattr(crypto_module.ts, "ckks_vector_from", failing_undo)
+    with pytest.raises(MemoryError):
+        total.add(broken)
+    monkeypatch.setattr(crypto_module.ts, "ckks_vector_from", real)
+    for call in (lambda: total.add(second), total.result, total.drain):
+        with pytest.raises(FederationError, match="unusable"):
+            call()
+
+
+def test_a_crypto_pool_worker_exits_when_its_process_is_killed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import numpy as np\n"
+        "from fedqf.crypto import CkksParameters, crypto_pool, encrypt, generate_context\n"
+        "if __name__ == '__main__':\n"
+        "    params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=40)\n"
+        "    ctx = generate_context(params)\n"
+        "    pool = crypto_pool(ctx, 2)\n"
+        "    encrypt(ctx, np.zeros(8 * params.values_per_ciphertext), bound=1.0, pool=pool)\n"
+        "    print(' '.join(str(p) for p in pool._executor._processes), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no shutdown: as a daemon killed with -9\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, env=env,
+                            timeout=120)
+    workers = [int(p) for p in result.stdout.split()]
+    assert len(workers) == 2, result.stderr[-2000:]
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers)
 
 
 def second_sum_chunks(small: Federation, update: EncryptedVector) -> tuple[bytes, ...]:

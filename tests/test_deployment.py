@@ -577,4 +577,7 @@ def test_a_supernode_that_hangs_after_its_session_is_refused_is_found_stuck(tmp_
     healthy = tmp_path / "healthy.log"
     healthy.write_text("INFO: Received successfully\n")
     quiet = SessionWatch(healthy, grace=0.0)
+    with healthy.open("a") as handle:  # a ClientApp's expired task: the local runtime API, not the coordinator
+        handle.write("httpx.HTTPStatusError: Client error '401 Unauthorized' for url "
+                     "'http://127.0.0.1:9094/v1/runtime/pull-app-inputs'\n")
     assert not quiet.stuck()

@@ -319,3 +319,23 @@ def test_a_windowed_round_that_is_short_at_the_deadline_asks_all_the_others_once
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3, 4, 5]
     assert not any(r.has_error() for r in replies)
     assert fake.pushed == Counter({1: 2, 2: 2, 3: 1, 4: 1, 5: 1})
+
+
+def test_an_instruction_the_superlink_refuses_does_not_hold_a_place_in_the_window() -> None:
+    fake = FakeGrid({n: Node(["answer"]) for n in range(1, 7)})
+    push = fake.push_messages
+
+    def refusing_node_2(messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(push(messages))
+        return ["" if m.metadata.dst_node_id == 2 else i for m, i in zip(messages, ids)]
+
+    fake.push_messages = refusing_node_2  # type: ignore[method-assign]
+    grid = StreamingGrid(fake, policy=RoundPolicy(min_replies=5), poll_interval=0.001)  # type: ignore[arg-type]
+    grid.window = 2
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_instructions(sorted(fake.nodes)), timeout=5.0))
+    assert time.monotonic() - started < 4.0  # settled with the five that could be asked, not at the deadline
+    assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == [1, 3, 4, 5, 6]
+    missing = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in missing] == [2]
