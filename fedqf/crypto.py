@@ -14,6 +14,7 @@ institution's secret-key ciphertext, whose second polynomial travels as a seed) 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import os
@@ -501,12 +502,15 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float,
             return EncryptedVector(chunks=pool.encrypt(pieces), length=int(x.size), fingerprint=fingerprint)
         except _PoolBroken:
             pass  # a worker died (killed, out of memory): this vector is encrypted here; the next call gets a new pool
-    seal = _seal(ctx)
+    return EncryptedVector(chunks=tuple(_encrypt_chunk(ctx, piece) for piece in pieces), length=int(x.size),
+                           fingerprint=fingerprint)
+
+
+def _encrypt_chunk(ctx: ts.Context, values: NDArray[np.float64]) -> bytes:
     try:
-        chunks = tuple(seal.encrypt(piece) for piece in pieces)
+        return _seal(ctx).encrypt(values)
     except (RuntimeError, TypeError, ValueError, OSError) as exc:
         raise CryptoError("SEAL could not encrypt the vector") from exc
-    return EncryptedVector(chunks=chunks, length=int(x.size), fingerprint=fingerprint)
 
 
 class CryptoPool:
@@ -536,7 +540,6 @@ class CryptoPool:
         self.workers = workers
         self.broken = False  # a worker died: the pool is replaced at the next crypto_pool() call
         self.fingerprint = key_fingerprint(ctx)
-        self.per_chunk = CkksParameters.from_context(ctx).values_per_ciphertext
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_pool_start, initargs=(serialize_private_context(ctx),))
 
@@ -585,10 +588,6 @@ def crypto_pool(ctx: ts.Context, workers: int) -> CryptoPool | None:
             pool = None
         if pool is None:
             pool = _pools[key] = CryptoPool(ctx, workers)
-            if len(_pools) == 1:
-                import atexit
-
-                atexit.register(_close_pools)
         return pool
 
 
@@ -597,6 +596,9 @@ def _close_pools() -> None:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+
+
+atexit.register(_close_pools)
 
 
 class _PoolBroken(Exception):
@@ -621,10 +623,7 @@ def _pool_start(private: bytes) -> None:
 
 def _pool_encrypt(values: NDArray[np.float64]) -> bytes:
     assert _pool_context is not None
-    try:
-        return _seal(_pool_context).encrypt(values)
-    except (RuntimeError, TypeError, ValueError, OSError) as exc:
-        raise CryptoError("SEAL could not encrypt the vector") from exc
+    return _encrypt_chunk(_pool_context, values)
 
 
 def _pool_decrypt(item: tuple[int, bytes, int]) -> NDArray[np.float64]:
@@ -688,9 +687,7 @@ class EncryptedSum:
                 values, or is not a fresh top-level ciphertext at the federation's scale. The sum is then unchanged.
         """
         self._check(update)
-        self._check_usable()
-        if self._drained:
-            raise FederationError("the encrypted sum was drained; it takes no more updates")
+        self._check_open()
         added: list[int] = []
         try:
             for index, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths)):
@@ -713,10 +710,12 @@ class EncryptedSum:
             raise
         self._count += 1
 
-    def _check_usable(self) -> None:
+    def _check_open(self) -> None:
         if self._broken:
             raise FederationError("the encrypted sum could not undo a rejected update and is unusable; expected a new "
                                   "sum for this round")
+        if self._drained:
+            raise FederationError("the encrypted sum was drained already; it takes no more updates")
 
     def _check(self, update: EncryptedVector) -> None:
         if not isinstance(update, EncryptedVector):
@@ -759,9 +758,7 @@ class EncryptedSum:
         Raises:
             FederationError: no update has been added.
         """
-        self._check_usable()
-        if self._drained:
-            raise FederationError("the encrypted sum was drained already")
+        self._check_open()
         if not self._sum:
             raise FederationError("no encrypted update has been added to the sum")
         return EncryptedVector(
@@ -775,9 +772,7 @@ class EncryptedSum:
         Raises:
             FederationError: no update has been added, or the sum was drained already.
         """
-        self._check_usable()
-        if self._drained:
-            raise FederationError("the encrypted sum was drained already")
+        self._check_open()
         if not self._sum:
             raise FederationError("no encrypted update has been added to the sum")
         vectors, self._sum, self._drained = self._sum[::-1], [], True

@@ -337,20 +337,23 @@ def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributo
     global _last_decryption
     assert inst.secret_context is not None
     scheme = scheme_for(inst.config)
-    key = (key_fingerprint(inst.secret_context), encrypted.fingerprint, encrypted.length, inst.layout.size, scheme,
-           contributors, weight_sum)
-    if not inst.shares_process:
+
+    def mean() -> npt.NDArray[np.float32]:
         decrypted = decrypt(inst.secret_context, encrypted, pool=inst.crypto_pool)
         return _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
+
+    if not inst.shares_process:
+        return mean()
+    key = (key_fingerprint(inst.secret_context), encrypted.fingerprint, encrypted.length, inst.layout.size, scheme,
+           contributors, weight_sum)
     with _last_decryption_lock:
         last = _last_decryption
         if last is not None and last[0] == key and last[1] == encrypted.chunks:
             return last[2]
-        decrypted = decrypt(inst.secret_context, encrypted, pool=inst.crypto_pool)
-        mean = _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
-        mean.flags.writeable = False
-        _last_decryption = (key, encrypted.chunks, mean)
-        return mean
+        result = mean()
+        result.flags.writeable = False
+        _last_decryption = (key, encrypted.chunks, result)
+        return result
 
 
 def _mean_delta(scheme: PackingScheme | None, slots: npt.NDArray[np.float64], length: int, *, contributors: int,
@@ -406,9 +409,9 @@ def _apply_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int, 
                              "digest (stale or corrupt); expected the coordinator to deliver it again")
         start, stop = layout.span(index)
         first, last = start * per_slot, min(stop * per_slot, size)
+        decrypted = decrypt(inst.secret_context, vector, pool=inst.crypto_pool)
         values = flat_slice(base, first, last)
-        values += _mean_delta(scheme, decrypt(inst.secret_context, vector, pool=inst.crypto_pool), last - first, contributors=contributors,
-                              weight_sum=weight_sum)
+        values += _mean_delta(scheme, decrypted, last - first, contributors=contributors, weight_sum=weight_sum)
         flat_assign(updated, first, values)
     return updated  # the files stay until a saved state holds this round (prune_blocks)
 
