@@ -6,9 +6,8 @@ pulls them. Two measures, each institution count in a fresh process:
 - process: the peak resident memory (VmHWM, reset through /proc/self/clear_refs once the update is made) above the
   resident memory just before the round: everything, SEAL's ciphertexts included;
 - Python: allocations traced by tracemalloc (the ciphertexts travel as Python bytes; SEAL's memory is outside it).
-No Flower runtime: this isolates fedqf's own aggregation. The packing is large_model's (4 bits, headroom for that
-many institutions; at more than 10, a 60-bit first prime and a scale of 2^24, which the sum of
-that many needs).
+No Flower runtime: this isolates fedqf's own aggregation. The packing is large_model's (4 bits, 60-bit first prime)
+with headroom for that many institutions.
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/aggregation_memory.py [--params 1060170] [--institutions 1 10 100]
 """
@@ -32,7 +31,7 @@ from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
     CkksParameters,
     EncryptedVector,
-    encrypt,
+    encrypt_integers,
     generate_context,
     key_fingerprint,
     load_public_context,
@@ -42,7 +41,7 @@ from fedqf.model import ParameterLayout
 from fedqf.packing import PackingScheme
 from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record
 
-LARGE_MODEL_PRIMES = (57, 60)  # sandboxes/large_model's coeff_mod_bit_sizes
+LARGE_MODEL_PRIMES = (60, 60)  # sandboxes/large_model's coeff_mod_bit_sizes
 
 
 def _reply(node: int, update: EncryptedVector) -> Message:
@@ -70,16 +69,14 @@ def measure(params: int, institutions: int, *, process: bool = False) -> dict[st
     """Peak and retained memory of one round's aggregation over `institutions` replies, in MiB: Python allocations
     (tracemalloc), or with `process` the whole process's peak resident memory above its resident memory before the
     round (run it in a fresh process)."""
-    # large_model's parameters up to its 10 institutions; the sum of 100 needs a scale of 2^24 (and a 60-bit prime)
-    ckks = (CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=LARGE_MODEL_PRIMES, global_scale_bits=21)
-            if institutions <= 10 else
-            CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=24))
+    # large_model's parameters (the packing has headroom for `institutions`)
+    ckks = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=LARGE_MODEL_PRIMES, global_scale_bits=21)
     scheme = PackingScheme.design(ckks, bits=4, max_contributors=institutions, value_bound=0.05)
     secret = generate_context(ckks)
     public = load_public_context(serialize_public_context(secret))
     rng = np.random.default_rng(0)
     packed = scheme.pack(scheme.quantize(rng.uniform(-0.05, 0.05, params), rng))
-    update = encrypt(secret, packed, bound=scheme.slot_bound)
+    update = encrypt_integers(secret, packed)
     setup = AggregationSetup(mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((params,),)),
                              public_context=public, fingerprint=key_fingerprint(public),
                              encrypted_length=scheme.slots_needed(params))

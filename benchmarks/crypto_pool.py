@@ -1,8 +1,8 @@
 """Encryption and decryption of one large update on several processes (issue 4: "use all cores for encryption").
 
-An institution's update of N parameters, packed as sandboxes/large_model packs it (4-bit values, 4 per encoded value,
-two per complex slot), is encrypted under the secret key and its aggregate decrypted, first in the calling process
-(`fedqf.crypto.encrypt` / `decrypt` without a pool, as before) and then on `fedqf.crypto.CryptoPool`s of 2, 4, ...
+An institution's update of N parameters, packed as sandboxes/large_model packs it (4-bit values, 6 per plaintext
+coefficient), is encrypted under the secret key and its aggregate decrypted, first in the calling process
+(`fedqf.crypto.encrypt_integers` / `decrypt_integers` without a pool) and then on `fedqf.crypto.CryptoPool`s of 2, 4, ...
 workers, each run repeated and interleaved; the pool's start-up (spawning workers, loading the context) is timed
 apart, since a daemon pays it once. Prints seconds and the speed-up over one process.
 
@@ -33,8 +33,8 @@ from fedqf.crypto import (
     CryptoPool,
     EncryptedSum,
     crypto_pool,
-    decrypt,
-    encrypt,
+    decrypt_integers,
+    encrypt_integers,
     generate_context,
     key_fingerprint,
     load_public_context,
@@ -65,7 +65,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     packed = scheme.pack(scheme.quantize(rng.uniform(-value_bound, value_bound, args.params).astype(np.float32),
                                          rng))
-    update = encrypt(secret, packed, bound=scheme.slot_bound)
+    update = encrypt_integers(secret, packed)
     total = EncryptedSum(public, length=update.length, fingerprint=key_fingerprint(public))
     total.add(update)
     aggregate = total.result()
@@ -78,7 +78,7 @@ def main() -> None:
         start = time.perf_counter()
         pool = crypto_pool(secret, w)
         assert pool is not None
-        encrypt(secret, packed[: 2 * w * params.values_per_ciphertext], bound=scheme.slot_bound, pool=pool)  # warm
+        encrypt_integers(secret, packed[: 2 * w * params.values_per_ciphertext], pool=pool)  # warm
         startup[w] = time.perf_counter() - start
         pools[w] = pool
     times: dict[str, list[float]] = {}
@@ -86,10 +86,10 @@ def main() -> None:
         for w in [1, *args.workers]:
             pool = pools.get(w)
             start = time.perf_counter()
-            encrypt(secret, packed, bound=scheme.slot_bound, pool=pool)
+            encrypt_integers(secret, packed, pool=pool)
             times.setdefault(f"encrypt-{w}", []).append(time.perf_counter() - start)
             start = time.perf_counter()
-            out = decrypt(secret, aggregate, pool=pool)
+            out = decrypt_integers(secret, aggregate, pool=pool)
             times.setdefault(f"decrypt-{w}", []).append(time.perf_counter() - start)
             assert np.array_equal(np.rint(out), packed)
     print("| workers | encrypt s | speed-up | decrypt s | speed-up | pool start-up s |")

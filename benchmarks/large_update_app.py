@@ -26,8 +26,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedqf.crypto import (
     CkksParameters,
     EncryptedSum,
-    decrypt,
-    encrypt,
+    decrypt_integers,
+    encrypt_integers,
     key_fingerprint,
     load_private_context,
     load_public_context,
@@ -83,7 +83,7 @@ def _encrypt_block(message: Message, context: Context) -> Message:
     block, start, length = _block_of(message)
     packed = scheme.pack(_quantized_block(index, block, start, length, scheme))
     t0 = time.perf_counter()
-    encrypted = encrypt(secret, packed, bound=scheme.slot_bound)
+    encrypted = encrypt_integers(secret, packed)
     t1 = time.perf_counter()
     del packed
     content = RecordDict({"arrays": encrypted_to_record(encrypted), "metrics": MetricRecord({"institution": index})})
@@ -102,7 +102,7 @@ def _decrypt_block(message: Message, context: Context) -> Message:
     record = message.content["arrays"]
     assert isinstance(record, ArrayRecord)
     t0 = time.perf_counter()
-    slots = decrypt(secret, record_to_encrypted(record))
+    slots = decrypt_integers(secret, record_to_encrypted(record))
     t1 = time.perf_counter()
     field_sums = scheme.unpack(slots, length)
     institutions = int(context.run_config[INSTITUTIONS_KEY])

@@ -274,15 +274,14 @@ def memory_sweep(config_path: Path, out: Path, params: int, *, institutions: lis
 
     Each institution keeps `samples_per_institution` training records (data.samples is scaled so that the 20% test
     split leaves that many per institution); `rounds` rounds. The packing headroom follows the number of
-    institutions (max_institutions = institutions), so one encrypted update grows from 3 to 2 values per slot at
-    100 institutions; `scale_bits` is raised to 28 where 24 leaves no room for the noise of 100 summed updates.
+    institutions (max_institutions = institutions), so one encrypted update grows from 6 to 4 values per plaintext
+    coefficient at 100 institutions.
     """
     rows = {} if rows is None else rows
     for n in institutions:
         samples = round(samples_per_institution * n / 0.8)
         common = [f"federation.institutions={n}", f"federation.rounds={rounds}", f"data.samples={samples}"]
-        scale = ["secure_aggregation.scale_bits=28"] if n > 10 else []
-        for mode, extra in (("plain", ["secure_aggregation.mode=none"]), ("ckks", scale)):
+        for mode, extra in (("plain", ["secure_aggregation.mode=none"]), ("ckks", [])):
             if mode not in modes:
                 continue
             key = f"{mode}-{n}"
@@ -344,8 +343,8 @@ def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str,
 
     from fedqf.crypto import (
         EncryptedSum,
-        decrypt,
-        encrypt,
+        decrypt_integers,
+        encrypt_integers,
         generate_context,
         key_fingerprint,
         load_public_context,
@@ -371,7 +370,7 @@ def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str,
         t0 = time.perf_counter()
         packed = [scheme.pack(scheme.quantize(u, rng)) for u in updates]
         t1 = time.perf_counter()
-        encrypted = [encrypt(secret, p, bound=scheme.slot_bound) for p in packed]
+        encrypted = [encrypt_integers(secret, p) for p in packed]
         t2 = time.perf_counter()
         wire_bytes += encrypted[0].nbytes
         total = EncryptedSum(public, length=encrypted[0].length, fingerprint=fingerprint)
@@ -379,7 +378,7 @@ def crypto_scale(config: FederationConfig, params: int, block: int) -> dict[str,
             total.add(e)
         summed = total.result()
         t3 = time.perf_counter()
-        slots = decrypt(secret, summed)
+        slots = decrypt_integers(secret, summed)
         t4 = time.perf_counter()
         estimate = scheme.dequantize_sum(scheme.unpack(slots, n), contributors=2)
         t5 = time.perf_counter()

@@ -144,8 +144,8 @@ class SecureAggregationSection:
     delta_clip: float = 1.0
     weight_unit: int = 1000
     # Packing (BatchCrypt-style): 0 encrypts each weighted delta value as one encoded real (two per complex CKKS
-    # slot); b > 0 quantizes each to b bits in [-value_bound, value_bound] and packs several into each encoded real
-    # with headroom for max_institutions.
+    # slot); b > 0 quantizes each to b bits in [-value_bound, value_bound] and packs several into each plaintext
+    # coefficient with headroom for max_institutions (fedqf.packing).
     quantization_bits: int = 0
     value_bound: float = 0.5
     max_institutions: int = 0  # 0 means federation.institutions

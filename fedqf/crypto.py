@@ -15,6 +15,7 @@ institution's secret-key ciphertext, whose second polynomial travels as a seed) 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import tenseal as ts
@@ -34,15 +35,19 @@ from tenseal import sealapi
 from fedqf.errors import CryptoError, FederationError, UpdateRejectedError
 
 __all__ = [
+    "SYMMETRIC_NOISE_MAX",
     "CkksParameters",
     "EncryptedSum",
     "EncryptedVector",
     "aggregation_tolerance",
     "check_sum_range",
     "decrypt",
+    "decrypt_integers",
     "encrypt",
+    "encrypt_integers",
     "fresh_noise_bound",
     "generate_context",
+    "integer_bound",
     "key_fingerprint",
     "load_private_context",
     "load_public_context",
@@ -63,6 +68,12 @@ _MAX_PRIME_BITS: Final[int] = 60
 
 #: Bits of headroom kept below q_0 / 2 in ``CkksParameters.max_abs_value`` (see there).
 _RANGE_MARGIN_BITS: Final[int] = 1
+
+#: Largest magnitude of a coefficient of the noise in one fresh secret-key encryption: SEAL samples it from a
+#: centered binomial distribution of 21 + 21 coins (standard deviation sqrt(10.5) ~ 3.2; ``sample_poly_cbd``), or,
+#: built with SEAL_USE_GAUSSIAN_NOISE, from a normal of standard deviation 3.2 clipped at 6 sigma = 19.2: at most
+#: 21 either way. A sum of K such ciphertexts decrypts to its plaintext sum plus noise of at most 21 * K.
+SYMMETRIC_NOISE_MAX: Final[int] = 21
 
 #: Unit roundoff of IEEE double precision, used by SEAL's encoder and decoder.
 _DOUBLE_UNIT_ROUNDOFF: Final[float] = 2.0**-53
@@ -376,6 +387,12 @@ class _Seal:
     ``Serializable``): half the bytes. Whoever loads it (SEAL's ``Ciphertext::load``) expands the seed. SEAL saves
     only to a stream, which TenSEAL's binding opens by path, so each thread saves into an anonymous in-memory file
     of its own (``memfd_create``), or, where there is none, a private temporary file.
+
+    Packed updates skip the CKKS encoding (``encrypt_integers``): their integers become the coefficients of the
+    plaintext polynomial directly. SEAL's Python binding gives no access to a polynomial's memory, so fedqf writes
+    a polynomial as part of a SEAL-serialized ciphertext (uncompressed, in SEAL's own format, which ``load``
+    validates), has SEAL's evaluator transform it to or from the NTT domain that CKKS plaintexts live in, and
+    reads a decrypted one back from SEAL's save.
     """
 
     def __init__(self, ctx: ts.Context) -> None:
@@ -386,6 +403,13 @@ class _Seal:
         key = ctx.secret_key().data if self.symmetric else ctx.public_key().data
         self.encryptor = sealapi.Encryptor(self.context, key)
         self.decryptor = sealapi.Decryptor(self.context, ctx.secret_key().data) if self.symmetric else None
+        self.evaluator = sealapi.Evaluator(self.context)
+        data = self.context.first_context_data()  # the data level: every prime but the special one
+        self.parms_id = tuple(int(w) for w in data.parms_id())
+        self.degree = int(data.parms().poly_modulus_degree())
+        self.moduli = np.array([m.value() for m in data.parms().coeff_modulus()], dtype=np.uint64)
+        self.words = self.degree * self.moduli.size  # 64-bit words of one polynomial in RNS form
+        self._ones = np.ones(self.words, dtype=np.uint64)
 
     def encrypt(self, values: NDArray[np.float64]) -> bytes:
         slots = _slots_for(values.size)
@@ -408,6 +432,111 @@ class _Seal:
         self.decryptor.decrypt(vector.ciphertext()[0], plain)
         slots = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
         return slots.view(np.float64)[:values]
+
+    def encrypt_integer(self, piece: NDArray[np.uint64]) -> bytes:
+        """A secret-key ciphertext whose plaintext polynomial has the integers of ``piece`` (at most N, each below
+        every prime) as its first coefficients, the rest zero.
+
+        The polynomial goes to SEAL as the first of a ciphertext's two polynomials, in coefficient form (the second
+        is all ones: SEAL refuses an all-zero one); SEAL's evaluator transforms both to the NTT domain that CKKS
+        plaintexts live in, and a decryptor under the all-zero key, which returns the first polynomial unchanged,
+        hands the result over as a plaintext, which is encrypted as ``encrypt`` does."""
+        residues = np.empty((self.moduli.size, self.degree), dtype=np.uint64)
+        residues[:, piece.size :] = 0
+        np.remainder(piece[None, :], self.moduli[:, None], out=residues[:, : piece.size])
+        ct = self._load_ciphertext([residues.reshape(-1), self._ones], ntt=False)
+        self.evaluator.transform_to_ntt_inplace(ct)
+        plain = sealapi.Plaintext()
+        self.copier.decrypt(ct, plain)
+        scratch = _scratch_file()
+        self.encryptor.encrypt_symmetric(plain).save(scratch.path)
+        return _vector_message(scratch.read(), _slots_for(piece.size), self.scale)
+
+    def decrypt_integer(self, vector: ts.CKKSVector, values: int) -> NDArray[np.int64]:
+        """The first ``values`` plaintext coefficients of a ciphertext, centered: in (-q_0/2, q_0/2).
+
+        The decrypted plaintext (NTT domain) is added to a ciphertext (0, 1) and transformed back to coefficient
+        form by SEAL's evaluator; its first polynomial, read from SEAL's save, holds the residues."""
+        assert self.decryptor is not None
+        plain = sealapi.Plaintext()
+        self.decryptor.decrypt(vector.ciphertext()[0], plain)
+        ct = self._load_ciphertext([np.zeros(self.words, dtype=np.uint64), self._ones], ntt=True)
+        self.evaluator.add_plain_inplace(ct, plain)
+        self.evaluator.transform_from_ntt_inplace(ct)
+        scratch = _scratch_file()
+        ct.save(scratch.path)
+        q0 = int(self.moduli[0])  # below 2^60: residues modulo q_0 fit an int64
+        coefficients = _saved_words(scratch.read(), 2 * self.words)[:values].astype(np.int64)
+        coefficients[coefficients > q0 // 2] -= q0
+        return coefficients
+
+    def _load_ciphertext(self, polys: list[NDArray[np.uint64]], *, ntt: bool) -> sealapi.Ciphertext:
+        """A ciphertext of this context's data level with the given polynomials (RNS form, each below its
+        prime), loaded from SEAL's own serialization, which SEAL validates."""
+        body = struct.pack("<4Q?QQQdQ", *self.parms_id, ntt, len(polys), self.degree, self.moduli.size, self.scale,
+                           1) + _dynarray(np.concatenate(polys))
+        scratch = _scratch_file()
+        scratch.write(_sealed(body))
+        ct = sealapi.Ciphertext()
+        ct.load(self.context, scratch.path)
+        return ct
+
+    @functools.cached_property
+    def copier(self) -> sealapi.Decryptor:
+        """A decryptor under the all-zero secret key: it returns a ciphertext's first polynomial as a plaintext."""
+        data = self.context.key_context_data()
+        words = self.degree * len(data.parms().coeff_modulus())
+        body = struct.pack("<4QQd", *(int(w) for w in data.parms_id()), words, 1.0)
+        scratch = _scratch_file()
+        scratch.write(_sealed(body + _dynarray(np.zeros(words, dtype=np.uint64))))
+        key = sealapi.SecretKey()
+        key.load(self.context, scratch.path)
+        return sealapi.Decryptor(self.context, key)
+
+
+def _seal_header_prefix() -> bytes:
+    """The first 5 bytes of SEAL's serialization header as this SEAL writes it: magic, header size, version."""
+    scratch = _scratch_file()
+    sealapi.Plaintext().save(scratch.path)
+    prefix = scratch.read()[:5]
+    if prefix[:3] != b"\x5e\xa1\x10" or prefix[3] != 4 or prefix[4] < 1:
+        raise CryptoError(f"unsupported SEAL serialization header {prefix.hex()}: expected SEAL 4.1 or later")
+    return prefix
+
+
+_header_prefix: bytes | None = None
+
+
+def _sealed(body: bytes) -> bytes:
+    """``body`` behind SEAL's 16-byte serialization header, uncompressed."""
+    global _header_prefix
+    if _header_prefix is None:
+        _header_prefix = _seal_header_prefix()
+    return _header_prefix + struct.pack("<BHQ", 0, 0, 16 + len(body)) + body
+
+
+def _dynarray(words: NDArray[np.uint64]) -> bytes:
+    """SEAL's serialization of a DynArray of 64-bit words (header, count, words), uncompressed."""
+    return _sealed(struct.pack("<Q", words.size) + words.astype("<u8", copy=False).tobytes())
+
+
+def _saved_words(saved: bytes, count: int) -> NDArray[np.uint64]:
+    """The last ``count`` 64-bit words of a SEAL-saved object (its data array), decompressed as its header says."""
+    mode = saved[5]
+    body = saved[16:]
+    if mode == 2:
+        import zstandard
+
+        body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    elif mode == 1:
+        import zlib
+
+        body = zlib.decompress(body)
+    elif mode != 0:
+        raise CryptoError(f"SEAL saved with compression mode {mode}, expected none, zlib or zstd")
+    if len(body) < 8 * count:
+        raise CryptoError(f"SEAL saved {len(body)} bytes, fewer than the {count} words expected")
+    return np.frombuffer(body, dtype="<u8", count=count, offset=len(body) - 8 * count).astype(np.uint64, copy=False)
 
 
 def _seal(ctx: ts.Context) -> _Seal:
@@ -436,6 +565,10 @@ class _ScratchFile:
 
     def read(self) -> bytes:
         return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+
+    def write(self, data: bytes) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
 
     def __del__(self) -> None:
         if os.getpid() != self.pid:  # a forked child's copy: the descriptor is the parent's to close
@@ -513,6 +646,60 @@ def _encrypt_chunk(ctx: ts.Context, values: NDArray[np.float64]) -> bytes:
         raise CryptoError("SEAL could not encrypt the vector") from exc
 
 
+def integer_bound(params: CkksParameters) -> int:
+    """Integers that ``encrypt_integers`` takes are below this, 2^(b_0 - 2): below q_0 / 2 for the b_0-bit first
+    prime q_0, so a coefficient and its sum with the noise decrypt to themselves (centered modulo q_0)."""
+    return 1 << (params.coeff_mod_bit_sizes[0] - 2)
+
+
+def encrypt_integers(ctx: ts.Context, coefficients: NDArray[np.integer], *,
+                     pool: CryptoPool | None = None) -> EncryptedVector:
+    """Encrypt non-negative integers below ``integer_bound`` as the coefficients of plaintext polynomials, N per
+    ciphertext, under the secret key (an institution's; seeded, as ``encrypt``).
+
+    No CKKS encoding: a coefficient holds an integer of up to b_0 - 2 bits exactly, where an encoded real holds far
+    fewer (the canonical embedding spreads the noise over N slots, and the encoder works in double precision).
+    Adding ciphertexts adds the polynomials coefficient by coefficient, so ``decrypt_integers`` of a sum of K of
+    them gives the sum of the integers plus noise of at most SYMMETRIC_NOISE_MAX * K per coefficient (the caller
+    keeps guard bits for it, see fedqf.packing). The ciphertexts are ordinary CKKS ciphertexts of this context:
+    the coordinator loads, checks and adds them as any other. The error messages never contain a value.
+
+    Raises:
+        CryptoError: the context holds no secret key; ``coefficients`` is not a non-empty 1-D integer array, or
+            has a value below 0 or at or above ``integer_bound``; the pool holds another key.
+    """
+    if not ctx.is_private():
+        raise CryptoError("integers are encrypted under the secret key; this context holds only the public key")
+    array = np.asarray(coefficients)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise CryptoError(f"coefficients must be a non-empty 1-D integer array, got shape {array.shape} dtype "
+                          f"{array.dtype}")
+    params = CkksParameters.from_context(ctx)
+    limit = integer_bound(params)
+    if int(array.min()) < 0 or int(array.max()) >= limit:
+        raise CryptoError(f"coefficients must lie in [0, 2^{limit.bit_length() - 1}) for a "
+                          f"{params.coeff_mod_bit_sizes[0]}-bit first prime")
+    x = array.astype(np.uint64, copy=False)
+    per_chunk = params.values_per_ciphertext
+    pieces = [x[start : start + per_chunk] for start in range(0, x.size, per_chunk)]
+    fingerprint = key_fingerprint(ctx)
+    if pool is not None and pool.worth_it(len(pieces)):
+        pool.check(fingerprint, private=True)
+        try:
+            return EncryptedVector(chunks=pool.encrypt_integers(pieces), length=int(x.size), fingerprint=fingerprint)
+        except _PoolBroken:
+            pass  # as in encrypt
+    return EncryptedVector(chunks=tuple(_encrypt_integer_chunk(ctx, piece) for piece in pieces),
+                           length=int(x.size), fingerprint=fingerprint)
+
+
+def _encrypt_integer_chunk(ctx: ts.Context, piece: NDArray[np.uint64]) -> bytes:
+    try:
+        return _seal(ctx).encrypt_integer(piece)
+    except (RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise CryptoError("SEAL could not encrypt the integers") from exc
+
+
 class CryptoPool:
     """Processes that encrypt, or decrypt, the ciphertexts of one vector in parallel, on as many cores as the pool
     has workers: TenSEAL's SEAL bindings hold the GIL, so threads would take turns.
@@ -563,6 +750,19 @@ class CryptoPool:
     def decrypt(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.float64]]:
         try:
             return list(self._executor.map(_pool_decrypt, chunks, chunksize=self._batch(len(chunks))))
+        except BrokenProcessPool as exc:
+            self.broken = True
+            raise _PoolBroken from exc
+
+    def encrypt_integers(self, pieces: list[NDArray[np.uint64]]) -> tuple[bytes, ...]:
+        return tuple(self._map(_pool_encrypt_integers, pieces))
+
+    def decrypt_integers(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.int64]]:
+        return self._map(_pool_decrypt_integers, chunks)
+
+    def _map(self, work: Any, items: list[Any]) -> list[Any]:
+        try:
+            return list(self._executor.map(work, items, chunksize=self._batch(len(items))))
         except BrokenProcessPool as exc:
             self.broken = True
             raise _PoolBroken from exc
@@ -629,6 +829,16 @@ def _pool_encrypt(values: NDArray[np.float64]) -> bytes:
 def _pool_decrypt(item: tuple[int, bytes, int]) -> NDArray[np.float64]:
     assert _pool_context is not None
     return _decrypt_chunk(_pool_context, *item)
+
+
+def _pool_encrypt_integers(piece: NDArray[np.uint64]) -> bytes:
+    assert _pool_context is not None
+    return _encrypt_integer_chunk(_pool_context, piece)
+
+
+def _pool_decrypt_integers(item: tuple[int, bytes, int]) -> NDArray[np.int64]:
+    assert _pool_context is not None
+    return _decrypt_integer_chunk(_pool_context, *item)
 
 
 class EncryptedSum:
@@ -793,6 +1003,41 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = 
             its chunks are inconsistent with its length, or do not deserialize under this context; the pool holds
             another key.
     """
+    items = _decryption_items(ctx, enc)
+    values: list[NDArray[np.float64]] | None = None
+    if pool is not None and pool.worth_it(len(items)):
+        pool.check(enc.fingerprint, private=True)
+        try:
+            values = pool.decrypt(items)
+        except _PoolBroken:
+            pass  # as in encrypt: decrypted here instead
+    if values is None:
+        values = [_decrypt_chunk(ctx, *item) for item in items]
+    return _joined(values, enc.length, np.float64)
+
+
+def decrypt_integers(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = None) -> NDArray[np.int64]:
+    """The integer coefficients of a vector from ``encrypt_integers`` (typically a sum of K of them: the integers'
+    sum plus noise of at most SYMMETRIC_NOISE_MAX * K each), centered modulo the first prime q_0, as int64.
+
+    Raises:
+        CryptoError: as ``decrypt``.
+    """
+    items = _decryption_items(ctx, enc)
+    values: list[NDArray[np.int64]] | None = None
+    if pool is not None and pool.worth_it(len(items)):
+        pool.check(enc.fingerprint, private=True)
+        try:
+            values = pool.decrypt_integers(items)
+        except _PoolBroken:
+            pass
+    if values is None:
+        values = [_decrypt_integer_chunk(ctx, *item) for item in items]
+    return _joined(values, enc.length, np.int64)
+
+
+def _decryption_items(ctx: ts.Context, enc: EncryptedVector) -> list[tuple[int, bytes, int]]:
+    """(index, bytes, values) of each chunk of ``enc``, once the key and the chunk count are checked."""
     if not ctx.is_private():
         raise CryptoError("decryption needs the private context (with the secret key)")
     if not isinstance(enc, EncryptedVector):
@@ -803,34 +1048,47 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = 
     lengths = _chunk_lengths(enc.length, CkksParameters.from_context(ctx).values_per_ciphertext)
     if len(lengths) != len(enc.chunks):
         raise CryptoError(f"{len(enc.chunks)} chunks cannot hold {enc.length} values, expected {len(lengths)}")
-    out = np.empty(enc.length, dtype=np.float64)
-    items = [(index, data, n) for index, (data, n) in enumerate(zip(enc.chunks, lengths))]
-    values: list[NDArray[np.float64]] | None = None
-    if pool is not None and pool.worth_it(len(items)):
-        pool.check(fingerprint, private=True)
-        try:
-            values = pool.decrypt(items)
-        except _PoolBroken:
-            pass  # as in encrypt: decrypted here instead
-    if values is None:
-        values = [_decrypt_chunk(ctx, *item) for item in items]
+    return [(index, data, n) for index, (data, n) in enumerate(zip(enc.chunks, lengths))]
+
+
+_Joined = TypeVar("_Joined", bound=np.generic)
+
+
+def _joined(pieces: list[NDArray[_Joined]], length: int, dtype: type[_Joined]) -> NDArray[_Joined]:
+    out: NDArray[_Joined] = np.empty(length, dtype=dtype)
     start = 0
-    for piece in values:
+    for piece in pieces:
         out[start : start + piece.size] = piece
         start += piece.size
     return out
 
 
-def _decrypt_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> NDArray[np.float64]:
+def _load_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> ts.CKKSVector:
+    """Chunk ``index`` of a vector, loaded under ``ctx``, holding the slots for ``values`` values."""
     try:
         vector = ts.ckks_vector_from(ctx, data)
         size = int(vector.size())
-        decoded = _seal(ctx).decrypt(vector, values) if size == _slots_for(values) else None
     except Exception as exc:  # see EncryptedSum._deserialize
         raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
-    if decoded is None:
+    if size != _slots_for(values):
         raise CryptoError(f"chunk {index} holds {size} slots, expected {_slots_for(values)} for {values} values")
-    return decoded
+    return vector
+
+
+def _decrypt_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> NDArray[np.float64]:
+    vector = _load_chunk(ctx, index, data, values)
+    try:
+        return _seal(ctx).decrypt(vector, values)
+    except Exception as exc:
+        raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
+
+
+def _decrypt_integer_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> NDArray[np.int64]:
+    vector = _load_chunk(ctx, index, data, values)
+    try:
+        return _seal(ctx).decrypt_integer(vector, values)
+    except Exception as exc:
+        raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
 
 
 def fresh_noise_bound(params: CkksParameters) -> float:

@@ -48,7 +48,16 @@ from fedqf.blocks import (
     update_name,
 )
 from fedqf.config import FederationConfig, ModelSection, PrivacyMode, SecureAggregationMode, config_from_dict
-from fedqf.crypto import CryptoPool, EncryptedVector, crypto_pool, decrypt, encrypt, key_fingerprint
+from fedqf.crypto import (
+    CryptoPool,
+    EncryptedVector,
+    crypto_pool,
+    decrypt,
+    decrypt_integers,
+    encrypt,
+    encrypt_integers,
+    key_fingerprint,
+)
 from fedqf.data import Dataset, InstitutionData, SimulatedFederationData
 from fedqf.errors import FedqfError, PrivacyBudgetExceededError, UpdateRejectedError
 from fedqf.model import ParameterLayout, build_model, set_arrays
@@ -339,7 +348,7 @@ def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributo
     scheme = scheme_for(inst.config)
 
     def mean() -> npt.NDArray[np.float32]:
-        decrypted = decrypt(inst.secret_context, encrypted, pool=inst.crypto_pool)
+        decrypted = _decrypt_values(inst, encrypted)
         return _mean_delta(scheme, decrypted, inst.layout.size, contributors=contributors, weight_sum=weight_sum)
 
     if not inst.shares_process:
@@ -356,7 +365,24 @@ def _decrypted_mean(inst: Institution, encrypted: EncryptedVector, *, contributo
         return result
 
 
-def _mean_delta(scheme: PackingScheme | None, slots: npt.NDArray[np.float64], length: int, *, contributors: int,
+def _encrypt_values(inst: Institution, values: npt.NDArray[Any], bound: float) -> EncryptedVector:
+    """An update's slot values encrypted: packed coefficients as integers (fedqf.packing), else as CKKS reals of
+    magnitude up to `bound`."""
+    assert inst.secret_context is not None
+    if scheme_for(inst.config) is not None:
+        return encrypt_integers(inst.secret_context, values, pool=inst.crypto_pool)
+    return encrypt(inst.secret_context, values, bound=bound, pool=inst.crypto_pool)
+
+
+def _decrypt_values(inst: Institution, vector: EncryptedVector) -> npt.NDArray[Any]:
+    """The slot values of an aggregate (or of one block of it): packed coefficients, or reals."""
+    assert inst.secret_context is not None
+    if scheme_for(inst.config) is not None:
+        return decrypt_integers(inst.secret_context, vector, pool=inst.crypto_pool)
+    return decrypt(inst.secret_context, vector, pool=inst.crypto_pool)
+
+
+def _mean_delta(scheme: PackingScheme | None, slots: npt.NDArray[Any], length: int, *, contributors: int,
                 weight_sum: float) -> npt.NDArray[np.float32]:
     """Dec(S) / sum_k a_k for `length` model values from the decrypted slot values of an aggregate (or of one
     block of it), in float32 like the model."""
@@ -409,7 +435,7 @@ def _apply_blocks(inst: Institution, record: ArrayRecord, aggregate_round: int, 
                              "digest (stale or corrupt); expected the coordinator to deliver it again")
         start, stop = layout.span(index)
         first, last = start * per_slot, min(stop * per_slot, size)
-        decrypted = decrypt(inst.secret_context, vector, pool=inst.crypto_pool)
+        decrypted = _decrypt_values(inst, vector)
         values = flat_slice(base, first, last)
         values += _mean_delta(scheme, decrypted, last - first, contributors=contributors, weight_sum=weight_sum)
         flat_assign(updated, first, values)
@@ -443,7 +469,7 @@ def _encrypt_in_blocks(inst: Institution, values_for: Any, bound: float, name: s
     for index in range(layout.blocks):
         start, stop = layout.span(index)
         block = values_for(start * per_slot, min(stop * per_slot, size))
-        vector = encrypt(inst.secret_context, block[: stop - start], bound=bound, pool=inst.crypto_pool)
+        vector = _encrypt_values(inst, block[: stop - start], bound)
         files.write(name, index, vector)
         digests.append(block_digest(vector))
         nbytes += vector.nbytes
@@ -675,7 +701,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
         factor = min(1.0, sa.delta_clip / norm) if norm > 0 else 1.0
         if delta is None:
 
-            def values_for(first: int, last: int) -> npt.NDArray[np.float64]:
+            def values_for(first: int, last: int) -> npt.NDArray[Any]:
                 piece = flat_slice(result.arrays, first, last) - flat_slice(global_arrays, first, last)
                 return _slot_values(piece, factor, weight, scheme, rng, limit=bound)
 
@@ -683,8 +709,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
                 inst, values_for, bound, update_name(server_round, model_round),
                 per_slot=scheme.values_per_slot if scheme is not None else 1)
         else:
-            encrypted = encrypt(inst.secret_context, _slot_values(delta, factor, weight, scheme, rng, limit=bound),
-                                bound=bound, pool=inst.crypto_pool)
+            encrypted = _encrypt_values(inst, _slot_values(delta, factor, weight, scheme, rng, limit=bound), bound)
             out = encrypted_to_record(encrypted)
             fingerprint, nbytes = encrypted.fingerprint, encrypted.nbytes
         metrics["encrypt-seconds"] = time.perf_counter() - start
@@ -715,7 +740,7 @@ def train_round(inst: Institution, state: InstitutionState, content: RecordDict,
 
 
 def _slot_values(delta: npt.NDArray[np.float32], factor: float, weight: float, scheme: PackingScheme | None,
-                 rng: np.random.Generator, *, limit: float) -> npt.NDArray[np.float64]:
+                 rng: np.random.Generator, *, limit: float) -> npt.NDArray[Any]:
     """What is encrypted for a float32 delta (scaled in place) and its L2-clipping factor: a_k * factor * delta,
     or, packed, each value of factor * delta clipped to +-R (weight <= 1 keeps a_k times it there too), quantized
     and packed several per slot value; the packed path stays in float32 until the packing. Unpacked values are

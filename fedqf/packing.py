@@ -1,18 +1,19 @@
-"""Quantize and pack several update values into each encoded CKKS value, with headroom for the sum of all
-institutions.
+"""Quantize and pack several update values into each plaintext coefficient of a CKKS ciphertext, with headroom for
+the sum of all institutions.
 
-A "slot value" here is one real that CKKS encodes: fedqf.crypto puts two in each complex slot (its real and its
-imaginary part), N per ciphertext. BatchCrypt (Zhang et al., USENIX ATC 2020) packs quantized gradients into Paillier
-plaintexts; this is the same idea for CKKS. A value x with |x| <= R is stochastically rounded to an integer q in
-[0, 2^b - 1]:
+A "slot" here is one coefficient of the plaintext polynomial, N per ciphertext (fedqf.crypto.encrypt_integers: no
+CKKS encoding, the integers are the coefficients). BatchCrypt (Zhang et al., USENIX ATC 2020) packs quantized
+gradients into Paillier plaintexts; this is the same idea for RLWE. A value x with |x| <= R is stochastically
+rounded to an integer q in [0, 2^b - 1]:
 
     q = floor((x + R) / s + U),   s = 2R / (2^b - 1),   U ~ Uniform[0, 1),   so E[s*q - R] = x.
 
 Each field of a slot is B = b + ceil(log2 K) bits wide, so the sum of K institutions' q never carries into the next
-field; m fields make a slot value P = sum_j q_j 2^(jB) < 2^(mB), an integer that CKKS adds exactly as long as
-2^(mB) stays inside the decodable range and the decryption noise of K summed ciphertexts stays below 1/2 (both
-checked by `PackingScheme.design`). After decryption each slot is rounded to the nearest integer and its fields
-are read off; the sum of the institutions' x is s * Q - K * R for the field sum Q of K contributors.
+field; m fields make P = sum_j q_j 2^(jB) < 2^(mB), stored shifted left by t guard bits: the coefficient is P * 2^t.
+Adding K ciphertexts adds the coefficients exactly, and decryption gives sum_k P_k * 2^t + E with noise
+|E| <= 21 K < 2^(t-1) (fedqf.crypto.SYMMETRIC_NOISE_MAX), so (v + 2^(t-1)) >> t recovers the sum exactly as long
+as it stays below q_0 / 2: m B + t <= b_0 - 2 for the b_0-bit first prime (`PackingScheme.design`). The fields
+are then read off; the sum of the institutions' x is s * Q - K * R for the field sum Q of K contributors.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ import numpy as np
 import numpy.typing as npt
 
 from fedqf.config import FederationConfig, SecureAggregationMode
-from fedqf.crypto import CkksParameters, aggregation_tolerance
+from fedqf.crypto import SYMMETRIC_NOISE_MAX, CkksParameters
 from fedqf.errors import CryptoError
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+Coefficients = npt.NDArray[np.uint64]
+
+#: Packed coefficients, shifted and summed, are handled as 64-bit integers: mB + t stays below 63 bits.
+_MAX_COEFFICIENT_BITS = 62
 
 
 @dataclass(frozen=True)
 class PackingScheme:
-    """b-bit quantization of values in [-R, R], m fields of B bits per slot value, for up to K contributors."""
+    """b-bit quantization of values in [-R, R], m fields of B bits per plaintext coefficient above t guard bits,
+    for up to K contributors."""
 
     bits: int
     max_contributors: int
@@ -49,8 +55,8 @@ class PackingScheme:
             raise CryptoError(f"value_bound must be a positive finite number, got {self.value_bound}")
         if self.values_per_slot < 1:
             raise CryptoError(f"values_per_slot must be >= 1, got {self.values_per_slot}")
-        if self.values_per_slot * self.field_bits > 52:
-            raise CryptoError("a packed slot must fit in 52 bits to stay exact in double precision")
+        if self.values_per_slot * self.field_bits + self.guard_bits > _MAX_COEFFICIENT_BITS:
+            raise CryptoError(f"a packed coefficient must fit in {_MAX_COEFFICIENT_BITS} bits with its guard bits")
 
     @property
     def field_bits(self) -> int:
@@ -58,42 +64,38 @@ class PackingScheme:
         return self.bits + math.ceil(math.log2(self.max_contributors)) if self.max_contributors > 1 else self.bits
 
     @property
+    def guard_bits(self) -> int:
+        """t: the noise of a sum of K ciphertexts, at most 21 K, stays below 2^(t-1)."""
+        return (SYMMETRIC_NOISE_MAX * self.max_contributors).bit_length() + 1
+
+    @property
     def step(self) -> float:
         return float(2.0 * self.value_bound / (2**self.bits - 1))
 
     @property
     def slot_bound(self) -> float:
-        """Every packed slot value, and every sum of up to K of them, is below 2^(mB)."""
+        """Every packed value P, and every sum of up to K of them, is below 2^(mB) (before the guard shift)."""
         return float(2 ** (self.values_per_slot * self.field_bits))
 
     @classmethod
     def design(
         cls, params: CkksParameters, *, bits: int, max_contributors: int, value_bound: float
     ) -> PackingScheme:
-        """The scheme with the most values per slot that the CKKS parameters decode exactly.
-
-        Conditions for m fields: 2^(mB) <= params.max_abs_value (the sum stays in range), and the decryption error
-        of K summed ciphertexts, aggregation_tolerance(params, K, 2^(mB)), is below 1/2 (rounding recovers the
-        integers). Raises CryptoError naming what to change when not even one field fits.
-        """
-        probe = cls(bits, max_contributors, value_bound, 1)
-        best = 0
-        for m in range(1, 53 // probe.field_bits + 1):
-            bound = float(2 ** (m * probe.field_bits))
-            if bound > params.max_abs_value:
-                break
-            try:
-                tol = aggregation_tolerance(params, num_terms=max_contributors, max_abs=bound / max_contributors)
-            except CryptoError:
-                break
-            if tol >= 0.5:
-                break
-            best = m
-        if best == 0:
+        """The scheme with the most fields per coefficient that the CKKS parameters hold exactly: m fields of B bits
+        above t guard bits, with m B + t <= b_0 - 2 for the b_0-bit first prime q_0 (the sum of K coefficients and
+        its noise stay below q_0 / 2, where decryption centres them). Raises CryptoError naming what to change when
+        not even one field fits."""
+        if not (1 <= bits <= 24 and max_contributors >= 1):
+            cls(bits, max_contributors, value_bound, 1)  # raises CryptoError naming the bad argument
+        width = bits + math.ceil(math.log2(max_contributors)) if max_contributors > 1 else bits
+        guard = (SYMMETRIC_NOISE_MAX * max_contributors).bit_length() + 1
+        best = (min(params.coeff_mod_bit_sizes[0] - 2, _MAX_COEFFICIENT_BITS) - guard) // width
+        if best < 1:
             raise CryptoError(
-                f"{bits}-bit values with headroom for {max_contributors} institutions ({probe.field_bits} bits) do "
-                f"not fit one CKKS slot at scale 2^{params.global_scale_bits} with a {params.coeff_mod_bit_sizes[0]}"
-                "-bit first prime; expected fewer bits, fewer institutions, or a smaller scale_bits"
+                f"{bits}-bit values with headroom for {max_contributors} institutions ({width} bits, plus "
+                f"{guard} guard bits for the noise) do not fit one coefficient under a "
+                f"{params.coeff_mod_bit_sizes[0]}-bit first prime; expected fewer bits, fewer institutions, or a "
+                "larger first prime"
             )
         return cls(bits, max_contributors, value_bound, best)
 
@@ -118,29 +120,33 @@ class PackingScheme:
         np.clip(scaled, 0, 2**self.bits - 1, out=scaled)
         return scaled
 
-    def pack(self, quantized: npt.NDArray[np.number]) -> FloatArray:
-        """Pack fields into slot values: slot i holds q[i*m + j] << (j*B); the last slot is zero-padded."""
-        m, width = self.values_per_slot, self.field_bits
+    def pack(self, quantized: npt.NDArray[np.number]) -> Coefficients:
+        """Pack fields into coefficients: coefficient i holds q[i*m + j] << (j*B + t); the last one is zero-padded."""
+        m, width, guard = self.values_per_slot, self.field_bits, self.guard_bits
         q = np.asarray(quantized)
         if q.size and (not q.min() >= 0 or not q.max() < 2**self.bits or (q.dtype.kind == "f" and (np.floor(q) != q).any())):
             raise CryptoError(f"quantized values must be integers in [0, 2^{self.bits})")
-        packed: FloatArray = np.zeros(-(-q.size // m), dtype=np.float64)
-        for j in range(m):  # exact: q * 2^(jB) is a power-of-two scaling, every partial sum an integer below 2^52
-            field = q[j::m]
-            packed[: field.size] += field * q.dtype.type(2 ** (j * width))
+        packed: Coefficients = np.zeros(-(-q.size // m), dtype=np.uint64)
+        field = np.empty(packed.size, dtype=np.uint64)
+        for j in range(m):
+            part = q[j::m]
+            field[: part.size] = part  # integers below 2^24: exact from any dtype
+            field[: part.size] <<= np.uint64(j * width + guard)
+            packed[: part.size] |= field[: part.size]
         return packed
 
-    def unpack(self, slots: FloatArray, length: int) -> npt.NDArray[np.floating]:
-        """Round each decrypted slot to the nearest integer and read off its fields (sums of up to K values), as
-        float32 where that is exact (fields of B <= 24 bits), else float64."""
-        m, width = self.values_per_slot, self.field_bits
-        values = np.asarray(slots, dtype=np.float64)
+    def unpack(self, coefficients: npt.NDArray[np.integer], length: int) -> npt.NDArray[np.floating]:
+        """Remove the noise of each decrypted coefficient (rounding away its guard bits) and read off its fields
+        (sums of up to K values), as float32 where that is exact (fields of B <= 24 bits), else float64."""
+        m, width, guard = self.values_per_slot, self.field_bits, self.guard_bits
+        values = np.asarray(coefficients, dtype=np.int64)
         if values.size * m < length:
-            raise CryptoError(f"{values.size} slots cannot hold {length} values at {m} per slot")
-        # NaN fails both comparisons
-        if values.size and not (values.min() >= -0.5 and values.max() < self.slot_bound):
-            raise CryptoError("a decrypted slot lies outside the packing range: the sum overflowed or the key is wrong")
-        whole = np.rint(values).astype(np.int64)
+            raise CryptoError(f"{values.size} coefficients cannot hold {length} values at {m} per coefficient")
+        half = 1 << (guard - 1)
+        if values.size and not (values.min() >= -half and values.max() < (int(self.slot_bound) << guard) - half):
+            raise CryptoError("a decrypted coefficient lies outside the packing range: the sum overflowed or the key "
+                              "is wrong")
+        whole = (values + half) >> guard
         fields = np.empty((whole.size, m), dtype=np.float32 if width <= 24 else np.float64)
         mask = (1 << width) - 1
         for j in range(m):
@@ -167,8 +173,8 @@ class PackingScheme:
 
     def bytes_per_parameter(self, params: CkksParameters) -> float:
         """Wire bytes per model parameter of an institution's update: its secret-key ciphertext of one data prime
-        is one polynomial of N coefficients of 8 bytes (the other travels as a seed) for N encoded values, two per
-        complex slot, before compression."""
+        is one polynomial of N coefficients of 8 bytes (the other travels as a seed), m values each, before
+        compression."""
         data_primes = max(len(params.coeff_mod_bit_sizes) - 1, 1)
         return 8.0 * data_primes / self.values_per_slot
 

@@ -14,15 +14,19 @@ from hypothesis import strategies as st
 
 from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
+    SYMMETRIC_NOISE_MAX,
     CkksParameters,
     EncryptedSum,
     EncryptedVector,
     aggregation_tolerance,
     check_sum_range,
     decrypt,
+    decrypt_integers,
     encrypt,
+    encrypt_integers,
     fresh_noise_bound,
     generate_context,
+    integer_bound,
     key_fingerprint,
     load_private_context,
     load_public_context,
@@ -562,6 +566,51 @@ def test_decrypted_sum_matches_numpy(
     assert np.max(np.abs(out - np.sum(terms, axis=0))) <= tol
 
 
+# --- integers as plaintext coefficients -----------------------------------------------------------------------------
+
+
+def test_integers_sum_exactly_up_to_the_noise_bound_at_the_top_of_their_range(small: Federation) -> None:
+    # Three updates of 2.5 chunks, the last one short; the coordinator adds them as any other ciphertexts.
+    rng = np.random.default_rng(3)
+    length = 2 * SMALL.values_per_ciphertext + 1000
+    top = integer_bound(SMALL) // 4  # three of them sum below 2^(b_0 - 2), where decryption centres them
+    updates = [rng.integers(top - 1000, top, length).astype(np.uint64) for _ in range(3)]
+    total = small.new_sum(length)
+    for update in updates:
+        encrypted = encrypt_integers(small.private, update)
+        assert len(encrypted.chunks) == 3 and encrypted.length == length
+        total.add(encrypted)
+    out = decrypt_integers(small.private, total.result())
+    assert out.dtype == np.int64 and out.shape == (length,)
+    error = out - np.sum([u.astype(np.int64) for u in updates], axis=0)
+    assert 0 < np.abs(error).max() <= 3 * SYMMETRIC_NOISE_MAX  # the noise is there, and within its bound
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array([-1, 2]), np.array([1.0, 2.0]), np.zeros((2, 2), dtype=np.int64), np.array([], dtype=np.int64)],
+)
+def test_encrypt_integers_refuses_what_it_cannot_hold(small: Federation, values: np.ndarray) -> None:
+    with pytest.raises(CryptoError, match="coefficients must"):
+        encrypt_integers(small.private, values)
+
+
+def test_encrypt_integers_refuses_the_bound_itself_and_a_public_context(small: Federation) -> None:
+    with pytest.raises(CryptoError, match="coefficients must lie in \\[0, 2\\^58\\)"):
+        encrypt_integers(small.private, np.array([integer_bound(SMALL)], dtype=np.uint64))
+    with pytest.raises(CryptoError, match="secret key"):
+        encrypt_integers(small.public, np.array([1], dtype=np.uint64))
+    encrypted = encrypt_integers(small.private, np.array([integer_bound(SMALL) - 1], dtype=np.uint64))
+    assert abs(int(decrypt_integers(small.private, encrypted)[0]) - (integer_bound(SMALL) - 1)) <= SYMMETRIC_NOISE_MAX
+
+
+def test_integers_under_another_key_do_not_decrypt(small: Federation) -> None:
+    other = Federation(SMALL)
+    encrypted = encrypt_integers(other.private, np.arange(10, dtype=np.uint64))
+    with pytest.raises(CryptoError, match="encrypted under key"):
+        decrypt_integers(small.private, encrypted)
+
+
 # --- encryption and decryption on several processes -----------------------------------------------------------------
 
 
@@ -581,6 +630,12 @@ def test_a_crypto_pool_encrypts_and_decrypts_what_one_process_does(small: Federa
     alone = decrypt(small.private, aggregate)
     assert np.max(np.abs(alone - values)) <= aggregation_tolerance(SMALL, num_terms=1, max_abs=1.0)
     assert np.array_equal(decrypt(small.private, aggregate, pool=pool), alone)  # decryption is deterministic
+    integers = rng.integers(0, 2**40, size=values.size).astype(np.uint64)
+    encrypted = encrypt_integers(small.private, integers, pool=pool)
+    assert len(encrypted.chunks) == 13
+    alone_integers = decrypt_integers(small.private, encrypted)
+    assert np.abs(alone_integers - integers.astype(np.int64)).max() <= SYMMETRIC_NOISE_MAX
+    assert np.array_equal(decrypt_integers(small.private, encrypted, pool=pool), alone_integers)
 
 
 def test_a_crypto_pool_refuses_another_key_and_reports_a_corrupt_chunk(small: Federation) -> None:
@@ -601,6 +656,8 @@ def test_a_crypto_pool_refuses_another_key_and_reports_a_corrupt_chunk(small: Fe
                               length=encrypted.length, fingerprint=encrypted.fingerprint)
     with pytest.raises(CryptoError, match="chunk 5 does not decrypt"):
         decrypt(small.private, corrupt, pool=pool)
+    with pytest.raises(CryptoError, match="chunk 5 does not decrypt"):
+        decrypt_integers(small.private, corrupt, pool=pool)
 
 
 def test_a_crypto_pool_whose_worker_died_is_replaced_and_the_vector_still_encrypted(small: Federation) -> None:
