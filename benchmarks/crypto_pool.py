@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fedqf.crypto import (
+    SYMMETRIC_NOISE_MAX,
     CkksParameters,
     CryptoPool,
     EncryptedSum,
@@ -91,7 +92,7 @@ def main() -> None:
             start = time.perf_counter()
             out = decrypt_integers(secret, aggregate, pool=pool)
             times.setdefault(f"decrypt-{w}", []).append(time.perf_counter() - start)
-            assert np.array_equal(np.rint(out), packed)
+            assert np.abs(out - packed.astype(np.int64)).max() <= SYMMETRIC_NOISE_MAX  # one update's noise
     print("| workers | encrypt s | speed-up | decrypt s | speed-up | pool start-up s |")
     print("|---:|---:|---:|---:|---:|---:|")
     base_e, base_d = statistics.median(times["encrypt-1"]), statistics.median(times["decrypt-1"])

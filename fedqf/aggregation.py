@@ -234,7 +234,14 @@ def aggregate_train_replies(
                                                      weight)
                     else:
                         assert running is not None
-                        running.add(record_to_encrypted(record))
+                        update = record_to_encrypted(record)
+                        # The reply's own bytes are released before the update is added: the chunks cut from
+                        # them are all that is held of it, besides the running sum.
+                        stripped = remove_content_from_message(message)
+                        message = stripped
+                        record = None
+                        running.add(update)
+                        del update
                 else:
                     _check_plain_update(message, setup.layout)
                     if setup.max_update_norm > 0 and reference is not None and not is_encrypted(reference):
@@ -248,7 +255,7 @@ def aggregate_train_replies(
         if report.status is not ReplyStatus.OK:
             log(WARNING, "round %d: institution %s %s: %s", server_round, report.label, report.status.value, report.reason)
         reports.append(report)
-    record = None
+        message = record = None  # not held while the next reply arrives
     digests: list[bytes] = []
     if setup.relay is not None:
         if manifests:

@@ -22,9 +22,9 @@ CKKS_STYPE = "tenseal.CKKSVector"
 CKKS_PREFIX = "ckks."
 CHUNK_SIZES = "fedqf.chunk-bytes"  # int64 byte size of every ciphertext, in order, when Arrays hold several
 #: Ciphertexts are grouped into Arrays of at most this many bytes: below Flower's 5 MiB ArrayChunk size, so each
-#: group travels as one object pair (Array + ArrayChunk) instead of two objects per 131 kB ciphertext; and small
-#: against a whole aggregate, since joining a group holds its pieces and the joined copy at once.
-GROUP_BYTES = 1024 * 1024
+#: group travels as one object pair (Array + ArrayChunk) instead of two objects per ciphertext; and small against
+#: a whole aggregate (2 MiB for large_model), since joining a group holds its pieces and the joined copy at once.
+GROUP_BYTES = 256 * 1024
 WEIGHT_SUM = "fedqf.weight-sum"
 AGGREGATE_ROUND = "fedqf.round"
 VECTOR_LENGTH = "fedqf.length"
