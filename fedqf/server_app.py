@@ -416,8 +416,10 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         if scheme is not None:
             summary["ckks"]["packing"] = {
                 "quantization_bits": scheme.bits,
-                "values_per_slot": scheme.values_per_slot,
+                "encoding": "plaintext coefficients",
+                "values_per_coefficient": scheme.values_per_slot,
                 "field_bits": scheme.field_bits,
+                "guard_bits": scheme.guard_bits,
                 "max_institutions": scheme.max_contributors,
                 "value_bound": scheme.value_bound,
             }

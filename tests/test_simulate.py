@@ -103,7 +103,8 @@ def test_fedprox_with_packed_ckks_and_median_in_plaintext_run(tmp_path: Path) ->
     summary = json.loads((tmp_path / "prox" / "summary.json").read_text())
     assert summary["strategy"] == "fedprox"
     # 8-bit fields (6 bits, headroom for 3) above 7 guard bits in each coefficient under a 60-bit prime
-    assert summary["ckks"]["packing"]["values_per_slot"] == 6
+    assert summary["ckks"]["packing"]["values_per_coefficient"] == 6
+    assert summary["ckks"]["packing"]["guard_bits"] == 7  # the noise of 3 summed ciphertexts: at most 63
     assert summary["ckks"]["bytes_per_parameter"] == pytest.approx(8.0 / 6)  # 6 values per 8-byte coefficient
     assert summary["final_accuracy"] >= 0.9  # the packed sums decoded into a model that works
     median = fedqf("simulate", "--set", "strategy.name=fedmedian", "--set", "secure_aggregation.mode=none",
