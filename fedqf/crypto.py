@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -741,28 +741,22 @@ class CryptoPool:
         return max(1, count // (4 * self.workers))
 
     def encrypt(self, pieces: list[NDArray[np.float64]]) -> tuple[bytes, ...]:
-        try:
-            return tuple(self._executor.map(_pool_encrypt, pieces, chunksize=self._batch(len(pieces))))
-        except BrokenProcessPool as exc:
-            self.broken = True
-            raise _PoolBroken from exc
+        return tuple(self._map(_encrypt_chunk, [(piece,) for piece in pieces]))
 
     def decrypt(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.float64]]:
-        try:
-            return list(self._executor.map(_pool_decrypt, chunks, chunksize=self._batch(len(chunks))))
-        except BrokenProcessPool as exc:
-            self.broken = True
-            raise _PoolBroken from exc
+        return self._map(_decrypt_chunk, chunks)
 
     def encrypt_integers(self, pieces: list[NDArray[np.uint64]]) -> tuple[bytes, ...]:
-        return tuple(self._map(_pool_encrypt_integers, pieces))
+        return tuple(self._map(_encrypt_integer_chunk, [(piece,) for piece in pieces]))
 
     def decrypt_integers(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.int64]]:
-        return self._map(_pool_decrypt_integers, chunks)
+        return self._map(_decrypt_integer_chunk, chunks)
 
-    def _map(self, work: Any, items: list[Any]) -> list[Any]:
+    def _map(self, work: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]:
+        """``work(context, *item)`` for each item, on the workers (each with its own copy of the context)."""
         try:
-            return list(self._executor.map(work, items, chunksize=self._batch(len(items))))
+            return list(self._executor.map(functools.partial(_in_worker, work), items,
+                                           chunksize=self._batch(len(items))))
         except BrokenProcessPool as exc:
             self.broken = True
             raise _PoolBroken from exc
@@ -821,24 +815,9 @@ def _pool_start(private: bytes) -> None:
     threading.Thread(target=exit_with_parent, name="fedqf-crypto-parent-watch", daemon=True).start()
 
 
-def _pool_encrypt(values: NDArray[np.float64]) -> bytes:
+def _in_worker(work: Callable[..., Any], item: tuple[Any, ...]) -> Any:
     assert _pool_context is not None
-    return _encrypt_chunk(_pool_context, values)
-
-
-def _pool_decrypt(item: tuple[int, bytes, int]) -> NDArray[np.float64]:
-    assert _pool_context is not None
-    return _decrypt_chunk(_pool_context, *item)
-
-
-def _pool_encrypt_integers(piece: NDArray[np.uint64]) -> bytes:
-    assert _pool_context is not None
-    return _encrypt_integer_chunk(_pool_context, piece)
-
-
-def _pool_decrypt_integers(item: tuple[int, bytes, int]) -> NDArray[np.int64]:
-    assert _pool_context is not None
-    return _decrypt_integer_chunk(_pool_context, *item)
+    return work(_pool_context, *item)
 
 
 class EncryptedSum:
