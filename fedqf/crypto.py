@@ -629,14 +629,21 @@ def encrypt(ctx: ts.Context, values: NDArray[np.floating], *, bound: float,
     per_chunk = params.values_per_ciphertext
     pieces = [x[start : start + per_chunk] for start in range(0, x.size, per_chunk)]
     fingerprint = key_fingerprint(ctx)
-    if pool is not None and pool.worth_it(len(pieces)):
+    chunks = _each_chunk(ctx, _encrypt_chunk, [(piece,) for piece in pieces], pool, fingerprint)
+    return EncryptedVector(chunks=tuple(chunks), length=int(x.size), fingerprint=fingerprint)
+
+
+def _each_chunk(ctx: ts.Context, work: Callable[..., Any], items: list[tuple[Any, ...]], pool: CryptoPool | None,
+                fingerprint: str) -> list[Any]:
+    """``work(ctx, *item)`` for every item: on ``pool``'s workers, given a pool and enough items, else here. A pool
+    whose worker died (killed, out of memory) leaves the work to this process; the next call gets a new pool."""
+    if pool is not None and pool.worth_it(len(items)):
         pool.check(fingerprint, private=ctx.is_private())
         try:
-            return EncryptedVector(chunks=pool.encrypt(pieces), length=int(x.size), fingerprint=fingerprint)
+            return pool.map(work, items)
         except _PoolBroken:
-            pass  # a worker died (killed, out of memory): this vector is encrypted here; the next call gets a new pool
-    return EncryptedVector(chunks=tuple(_encrypt_chunk(ctx, piece) for piece in pieces), length=int(x.size),
-                           fingerprint=fingerprint)
+            pass
+    return [work(ctx, *item) for item in items]
 
 
 def _encrypt_chunk(ctx: ts.Context, values: NDArray[np.float64]) -> bytes:
@@ -683,14 +690,8 @@ def encrypt_integers(ctx: ts.Context, coefficients: NDArray[np.integer], *,
     per_chunk = params.values_per_ciphertext
     pieces = [x[start : start + per_chunk] for start in range(0, x.size, per_chunk)]
     fingerprint = key_fingerprint(ctx)
-    if pool is not None and pool.worth_it(len(pieces)):
-        pool.check(fingerprint, private=True)
-        try:
-            return EncryptedVector(chunks=pool.encrypt_integers(pieces), length=int(x.size), fingerprint=fingerprint)
-        except _PoolBroken:
-            pass  # as in encrypt
-    return EncryptedVector(chunks=tuple(_encrypt_integer_chunk(ctx, piece) for piece in pieces),
-                           length=int(x.size), fingerprint=fingerprint)
+    chunks = _each_chunk(ctx, _encrypt_integer_chunk, [(piece,) for piece in pieces], pool, fingerprint)
+    return EncryptedVector(chunks=tuple(chunks), length=int(x.size), fingerprint=fingerprint)
 
 
 def _encrypt_integer_chunk(ctx: ts.Context, piece: NDArray[np.uint64]) -> bytes:
@@ -740,19 +741,7 @@ class CryptoPool:
     def _batch(self, count: int) -> int:
         return max(1, count // (4 * self.workers))
 
-    def encrypt(self, pieces: list[NDArray[np.float64]]) -> tuple[bytes, ...]:
-        return tuple(self._map(_encrypt_chunk, [(piece,) for piece in pieces]))
-
-    def decrypt(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.float64]]:
-        return self._map(_decrypt_chunk, chunks)
-
-    def encrypt_integers(self, pieces: list[NDArray[np.uint64]]) -> tuple[bytes, ...]:
-        return tuple(self._map(_encrypt_integer_chunk, [(piece,) for piece in pieces]))
-
-    def decrypt_integers(self, chunks: list[tuple[int, bytes, int]]) -> list[NDArray[np.int64]]:
-        return self._map(_decrypt_integer_chunk, chunks)
-
-    def _map(self, work: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]:
+    def map(self, work: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]:
         """``work(context, *item)`` for each item, on the workers (each with its own copy of the context)."""
         try:
             return list(self._executor.map(functools.partial(_in_worker, work), items,
@@ -982,16 +971,7 @@ def decrypt(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool | None = 
             its chunks are inconsistent with its length, or do not deserialize under this context; the pool holds
             another key.
     """
-    items = _decryption_items(ctx, enc)
-    values: list[NDArray[np.float64]] | None = None
-    if pool is not None and pool.worth_it(len(items)):
-        pool.check(enc.fingerprint, private=True)
-        try:
-            values = pool.decrypt(items)
-        except _PoolBroken:
-            pass  # as in encrypt: decrypted here instead
-    if values is None:
-        values = [_decrypt_chunk(ctx, *item) for item in items]
+    values = _each_chunk(ctx, _decrypt_chunk, _decryption_items(ctx, enc), pool, enc.fingerprint)
     return _joined(values, enc.length, np.float64)
 
 
@@ -1002,16 +982,7 @@ def decrypt_integers(ctx: ts.Context, enc: EncryptedVector, *, pool: CryptoPool 
     Raises:
         CryptoError: as ``decrypt``.
     """
-    items = _decryption_items(ctx, enc)
-    values: list[NDArray[np.int64]] | None = None
-    if pool is not None and pool.worth_it(len(items)):
-        pool.check(enc.fingerprint, private=True)
-        try:
-            values = pool.decrypt_integers(items)
-        except _PoolBroken:
-            pass
-    if values is None:
-        values = [_decrypt_integer_chunk(ctx, *item) for item in items]
+    values = _each_chunk(ctx, _decrypt_integer_chunk, _decryption_items(ctx, enc), pool, enc.fingerprint)
     return _joined(values, enc.length, np.int64)
 
 
