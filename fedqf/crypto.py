@@ -548,31 +548,44 @@ def _seal(ctx: ts.Context) -> _Seal:
 
 
 class _ScratchFile:
-    """Where SEAL saves one ciphertext: an anonymous in-memory file (``memfd_create``, reached through /proc), or,
-    without one, a private temporary file; closed (and removed) when its thread's storage goes away."""
+    """Where SEAL saves or loads one object: an anonymous in-memory file (``memfd_create``, reached through /proc),
+    or, without one, a private temporary file, unlinked at once where the system reaches it through /dev/fd. It
+    may hold a packed update before encryption or a decrypted aggregate, so a read empties it."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.remove: str | None = None
-        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        self.fd = -1
+        try:
             self.fd = os.memfd_create("fedqf-ciphertext", os.MFD_CLOEXEC)
+            if not os.path.isdir("/proc/self/fd"):
+                raise OSError("no /proc/self/fd")
             self.path = f"/proc/self/fd/{self.fd}"
-        else:
+        except (AttributeError, OSError):  # no memfd_create (not Linux), or forbidden (a seccomp profile)
             import tempfile
 
-            self.fd, self.path = tempfile.mkstemp(prefix="fedqf-ciphertext-")
-            self.remove = self.path
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd, self.path = tempfile.mkstemp(prefix="fedqf-scratch-")
+            if os.path.isdir("/dev/fd"):
+                os.unlink(self.path)
+                self.path = f"/dev/fd/{self.fd}"
+            else:
+                self.remove = self.path
 
     def read(self) -> bytes:
-        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        os.ftruncate(self.fd, 0)
+        return data
 
     def write(self, data: bytes) -> None:
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        if os.pwrite(self.fd, data, 0) != len(data):
+            raise OSError(f"short write of {len(data)} bytes to a scratch file")
 
     def __del__(self) -> None:
-        if os.getpid() != self.pid:  # a forked child's copy: the descriptor is the parent's to close
-            return
+        if getattr(self, "pid", None) != os.getpid() or getattr(self, "fd", -1) < 0:
+            return  # a forked child's copy (the descriptor is the parent's to close), or a failed start
         os.close(self.fd)
         if self.remove is not None:
             os.unlink(self.remove)
@@ -1037,6 +1050,8 @@ def _decrypt_integer_chunk(ctx: ts.Context, index: int, data: bytes, values: int
     vector = _load_chunk(ctx, index, data, values)
     try:
         return _seal(ctx).decrypt_integer(vector, values)
+    except (CryptoError, ImportError):  # fedqf's own reading of SEAL's output: not the chunk's fault
+        raise
     except Exception as exc:
         raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
 

@@ -570,10 +570,11 @@ def test_decrypted_sum_matches_numpy(
 
 
 def test_integers_sum_exactly_up_to_the_noise_bound_at_the_top_of_their_range(small: Federation) -> None:
-    # Three updates of 2.5 chunks, the last one short; the coordinator adds them as any other ciphertexts.
+    # Three updates of 2.5 chunks, the last one short, whose sum comes within 3,000 of integer_bound, the largest
+    # sum the packing lets through; the coordinator adds them as any other ciphertexts.
     rng = np.random.default_rng(3)
     length = 2 * SMALL.values_per_ciphertext + 1000
-    top = integer_bound(SMALL) // 4  # three of them sum below 2^(b_0 - 2), where decryption centres them
+    top = integer_bound(SMALL) // 3
     updates = [rng.integers(top - 1000, top, length).astype(np.uint64) for _ in range(3)]
     total = small.new_sum(length)
     for update in updates:
@@ -582,8 +583,49 @@ def test_integers_sum_exactly_up_to_the_noise_bound_at_the_top_of_their_range(sm
         total.add(encrypted)
     out = decrypt_integers(small.private, total.result())
     assert out.dtype == np.int64 and out.shape == (length,)
-    error = out - np.sum([u.astype(np.int64) for u in updates], axis=0)
+    expected = np.sum([u.astype(np.int64) for u in updates], axis=0)
+    assert expected.max() > integer_bound(SMALL) - 3000
+    error = out - expected
     assert 0 < np.abs(error).max() <= 3 * SYMMETRIC_NOISE_MAX  # the noise is there, and within its bound
+
+
+def test_integers_under_two_data_primes_are_read_from_the_first() -> None:
+    params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(50, 25, 30), global_scale_bits=20)
+    two = Federation(params)
+    values = np.random.default_rng(4).integers(0, integer_bound(params) // 2, 5000).astype(np.uint64)
+    total = two.new_sum(values.size)
+    for _ in range(2):
+        total.add(encrypt_integers(two.private, values))
+    error = decrypt_integers(two.private, total.result()) - 2 * values.astype(np.int64)
+    assert np.abs(error).max() <= 2 * SYMMETRIC_NOISE_MAX
+
+
+def test_without_memfd_plaintext_never_rests_in_a_file(small: Federation, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where memfd_create is missing or forbidden, SEAL's scratch file is a temporary file, unlinked at once: a
+    # packed update or a decrypted aggregate passes through it, and nothing of it may stay on disk.
+    import os
+    import tempfile
+    import threading
+
+    def forbidden(*args: object) -> int:
+        raise OSError("memfd_create forbidden")
+
+    monkeypatch.setattr(os, "memfd_create", forbidden)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    values = np.arange(3000, dtype=np.uint64) * 1000
+    out: list[np.ndarray] = []
+    files: list[list[Path]] = []
+
+    def work() -> None:  # a new thread gets a scratch file of its own, made without memfd, alive until it ends
+        out.append(decrypt_integers(small.private, encrypt_integers(small.private, values)))
+        files.append(list(tmp_path.iterdir()))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert np.abs(out[0] - values.astype(np.int64)).max() <= SYMMETRIC_NOISE_MAX
+    assert files == [[]]
 
 
 @pytest.mark.parametrize(
