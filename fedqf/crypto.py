@@ -742,7 +742,8 @@ class CryptoPool:
         self.broken = False  # a worker died: the pool is replaced at the next crypto_pool() call
         self.fingerprint = key_fingerprint(ctx)
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_pool_start, initargs=(serialize_private_context(ctx),))
+                                             initializer=_pool_start,
+                                             initargs=(serialize_private_context(ctx), os.getpid()))
 
     def worth_it(self, chunks: int) -> bool:
         return chunks >= self.MIN_CHUNKS_PER_WORKER * self.workers
@@ -804,17 +805,19 @@ class _PoolBroken(Exception):
 _pool_context: ts.Context | None = None
 
 
-def _pool_start(private: bytes) -> None:
-    global _pool_context
-    _pool_context = load_private_context(private)
-    parent = os.getppid()
+def _pool_start(private: bytes, owner: int) -> None:
+    """A worker's start: it watches its owner (the pool's process, named by the owner itself: a worker that starts
+    after its owner was killed finds another parent already) and exits once the owner is gone, since it holds the
+    secret key; then it loads the context."""
 
-    def exit_with_parent() -> None:  # a worker holds the secret key: it must not outlive a killed daemon
-        while os.getppid() == parent:
+    def exit_with_owner() -> None:
+        while os.getppid() == owner:
             time.sleep(1.0)
         os._exit(1)
 
-    threading.Thread(target=exit_with_parent, name="fedqf-crypto-parent-watch", daemon=True).start()
+    threading.Thread(target=exit_with_owner, name="fedqf-crypto-owner-watch", daemon=True).start()
+    global _pool_context
+    _pool_context = load_private_context(private)
 
 
 def _in_worker(work: Callable[..., Any], item: tuple[Any, ...]) -> Any:
