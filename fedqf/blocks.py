@@ -39,10 +39,10 @@ from fedqf.protocol import (
     AGGREGATE_ROUND,
     ARRAYS,
     CONFIG,
-    FEDERATION_TOML,
     REPORT,
     VECTOR_LENGTH,
     encrypted_to_record,
+    instruction_config,
     is_encrypted,
     record_to_encrypted,
 )
@@ -288,7 +288,7 @@ def aggregate_name(aggregate_round: int) -> str:
 
 
 def _query(config_text: str, node: int, content: dict[str, ArrayRecord], config: dict[str, object]) -> Message:
-    record = ConfigRecord({FEDERATION_TOML: config_text, **config})  # type: ignore[dict-item]
+    record = instruction_config(config_text, **config)
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {**content, CONFIG: record}
     return Message(RecordDict(records), message_type=MessageType.QUERY, dst_node_id=node)
 

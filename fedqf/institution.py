@@ -71,6 +71,8 @@ from fedqf.protocol import (
     METRICS,
     REPORT,
     TRAIN_METRIC_KEYS,
+    WIRE,
+    WIRE_VERSION,
     ReplyStatus,
     aggregate_meta,
     encrypted_to_record,
@@ -817,9 +819,16 @@ def handle(inst: Institution, state: InstitutionState, message_type: str, conten
 
 
 def federation_text(content: RecordDict) -> str:
+    """The federation file an instruction carries, once its wire format is this institution's."""
     record = content.get(CONFIG)
     if not isinstance(record, ConfigRecord) or FEDERATION_TOML not in record:
         raise FedqfError("the instruction carries no federation config")
+    wire = record.get(WIRE)
+    if wire != WIRE_VERSION:
+        raise FedqfError(
+            f"the coordinator speaks fedqf wire format {wire if wire is not None else 1!r}, this institution "
+            f"{WIRE_VERSION}: packed updates would not add up; expected the same fedqf release on both sides"
+        )
     return str(record[FEDERATION_TOML])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -17,6 +18,10 @@ METRICS = "metrics"
 CONFIG = "config"
 REPORT = "fedqf.report"  # ConfigRecord in every institution reply: status, reason, key fingerprint
 FEDERATION_TOML = "fedqf.federation"  # the resolved federation file, sent with every instruction
+WIRE = "fedqf.wire"  # the wire format's version, sent with every instruction
+#: 2: packed updates hold their integers as plaintext coefficients (fedqf.crypto.encrypt_integers); 1 (never sent):
+#: they were CKKS-encoded reals. Institutions of both would add up two encodings, so a version is agreed first.
+WIRE_VERSION = 2
 
 CKKS_STYPE = "tenseal.CKKSVector"
 CKKS_PREFIX = "ckks."
@@ -81,6 +86,11 @@ class InstitutionReport:
 
     def with_status(self, status: ReplyStatus, reason: str) -> InstitutionReport:
         return InstitutionReport(self.node_id, status, reason, self.metrics, self.name)
+
+
+def instruction_config(config_text: str, **values: Any) -> ConfigRecord:
+    """The config record of an instruction: the federation file, the wire format's version, and `values`."""
+    return ConfigRecord({FEDERATION_TOML: config_text, WIRE: WIRE_VERSION, **values})
 
 
 def encrypted_to_record(

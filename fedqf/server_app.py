@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -34,7 +34,7 @@ from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError, InstitutionsMissingError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import ckks_parameters_of, scheme_for
-from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, ReplyStatus, is_encrypted
+from fedqf.protocol import ARRAYS, CONFIG, ReplyStatus, instruction_config, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
 from fedqf.stream import RoundPolicy, StreamingGrid
@@ -175,7 +175,7 @@ def _final_evaluation(grid: Grid, recorder: ProgressRecorder, config_text: str, 
 
     assert recorder.latest_arrays is not None
     content = RecordDict({ARRAYS: recorder.latest_arrays,
-                          CONFIG: ConfigRecord({FEDERATION_TOML: config_text, "server-round": recorder.latest_round})})
+                          CONFIG: instruction_config(config_text, **{"server-round": recorder.latest_round})})
     messages = [Message(RecordDict({**dict(content.items()), **recorder.catch_up(node, recorder.latest_round + 1)}),
                         message_type=MessageType.EVALUATE, dst_node_id=node)
                 for node in sorted(grid.get_node_ids())]
@@ -188,10 +188,10 @@ def _release_final_model(grid: Grid, arrays: ArrayRecord, config_text: str, time
     """Ask the institutions, one at a time, to release the final global model in plaintext; with `in_blocks`
     values per message, the model is then asked for block by block (no message holds all of it)."""
     for node_id in sorted(grid.get_node_ids()):
-        config = {FEDERATION_TOML: config_text, "fedqf.release": True}
+        config = instruction_config(config_text, **{"fedqf.release": True})
         if in_blocks:
             config[RELEASE_IN_BLOCKS] = True
-        message = Message(RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)}),  # type: ignore[arg-type]
+        message = Message(RecordDict({ARRAYS: arrays, CONFIG: config}),
                           message_type=MessageType.QUERY, dst_node_id=node_id)
         for reply in grid.send_and_receive([message], timeout=timeout):
             if reply.has_error():
@@ -344,8 +344,8 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
                 initial_arrays=recorder.latest_arrays if offset and recorder.latest_arrays is not None else initial,
                 num_rounds=config.federation.rounds - offset,
                 timeout=config.federation.round_timeout,
-                train_config=ConfigRecord({FEDERATION_TOML: config_text}),
-                evaluate_config=ConfigRecord({FEDERATION_TOML: config_text}),
+                train_config=instruction_config(config_text),
+                evaluate_config=instruction_config(config_text),
                 evaluate_fn=evaluate_fn,
             )
     except InstitutionsMissingError as exc:

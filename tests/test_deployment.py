@@ -194,12 +194,12 @@ def test_no_secret_reaches_logs_or_run_directory(federation_run: tuple[Path, dic
 def _instruction(material: Path, server_round: int) -> tuple[object, object]:
     """A train instruction as the coordinator would send: plaintext w_0 for round 1, else an encrypted zero sum."""
     import torch
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, RecordDict
 
     from fedqf.config import dump_config, load_config
     from fedqf.crypto import encrypt, load_private_context
     from fedqf.model import ParameterLayout, build_model
-    from fedqf.protocol import AGGREGATE_ROUND, WEIGHT_SUM, encrypted_to_record
+    from fedqf.protocol import AGGREGATE_ROUND, WEIGHT_SUM, encrypted_to_record, instruction_config
 
     config = load_config(FEDERATION, OVERRIDES[1::2])
     model = build_model(config.model, num_features=30, num_classes=2, generator=torch.Generator().manual_seed(7))
@@ -210,8 +210,9 @@ def _instruction(material: Path, server_round: int) -> tuple[object, object]:
         zero = encrypt(secret, np.zeros(ParameterLayout.of(model).size), bound=1.0)
         arrays = encrypted_to_record(zero, extra={AGGREGATE_ROUND: np.array([server_round - 1]),
                                                   WEIGHT_SUM: np.array([1.0])})
-    return RecordDict({"arrays": arrays, "config": ConfigRecord({"fedqf.federation": dump_config(config),
-                                                                  "server-round": server_round})}), config
+    content = RecordDict({"arrays": arrays,
+                          "config": instruction_config(dump_config(config), **{"server-round": server_round})})
+    return content, config
 
 
 def test_restarted_institution_keeps_its_spent_epsilon(material: Path) -> None:

@@ -99,3 +99,19 @@ def test_sizes_that_are_not_integers_are_refused() -> None:
     record[CHUNK_SIZES] = Array(dtype="bytes", shape=(2,), stype=CKKS_STYPE, data=b"\x05\x07")
     with pytest.raises(UpdateRejectedError, match="1-D integer"):
         record_to_encrypted(record)
+
+
+def test_an_institution_refuses_an_instruction_of_another_wire_format() -> None:
+    # Packed updates changed encoding (plaintext coefficients, wire format 2): an institution must not add its
+    # update to those of institutions that encode otherwise, so it holds the coordinator to its own wire format.
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedqf.errors import FedqfError
+    from fedqf.institution import federation_text
+    from fedqf.protocol import CONFIG, FEDERATION_TOML, WIRE, WIRE_VERSION, instruction_config
+
+    assert federation_text(RecordDict({CONFIG: instruction_config("x = 1")})) == "x = 1"
+    with pytest.raises(FedqfError, match="wire format 1, this institution 2"):
+        federation_text(RecordDict({CONFIG: ConfigRecord({FEDERATION_TOML: "x = 1"})}))
+    with pytest.raises(FedqfError, match=f"wire format {WIRE_VERSION + 1}, this institution {WIRE_VERSION}"):
+        federation_text(RecordDict({CONFIG: ConfigRecord({FEDERATION_TOML: "x = 1", WIRE: WIRE_VERSION + 1})}))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, MessageType, RecordDict
 
 from fedqf.config import FederationConfig, config_from_dict, dump_config
 from fedqf.deployment import SERVICE_RESTART_WAIT, build_institution
 from fedqf.errors import FederationError
 from fedqf.institution import InstitutionState, train_round
-from fedqf.protocol import ARRAYS, CONFIG, FEDERATION_TOML, METRICS, REPORT
+from fedqf.protocol import ARRAYS, CONFIG, METRICS, REPORT, instruction_config
 from fedqf.runtime import stop_process_group
 from fedqf.service_client import call_institution_service
 from fedqf.workers import STATUS_DIR, LaunchSpec, group_settings, launch_group, wait_for_service
@@ -52,8 +52,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _instruction(config: FederationConfig, arrays: ArrayRecord, server_round: int) -> RecordDict:
-    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({FEDERATION_TOML: dump_config(config),
-                                                             "server-round": server_round})})
+    return RecordDict({ARRAYS: arrays, CONFIG: instruction_config(dump_config(config), **{"server-round": server_round})})
 
 
 def _initial(config: FederationConfig, data_file: Path) -> ArrayRecord:
