@@ -237,9 +237,7 @@ def aggregate_train_replies(
                         update = record_to_encrypted(record)
                         # The reply's own bytes are released before the update is added: the chunks cut from
                         # them are all that is held of it, besides the running sum.
-                        stripped = remove_content_from_message(message)
-                        message = stripped
-                        record = None
+                        message, record = remove_content_from_message(message), None
                         running.add(update)
                         del update
                 else:

@@ -444,7 +444,7 @@ class _Seal:
         residues = np.empty((self.moduli.size, self.degree), dtype=np.uint64)
         residues[:, piece.size :] = 0
         np.remainder(piece[None, :], self.moduli[:, None], out=residues[:, : piece.size])
-        ct = self._load_ciphertext([residues.reshape(-1), self._ones], ntt=False)
+        ct = self._load(self._ciphertext_bytes([residues.reshape(-1), self._ones], ntt=False))
         self.evaluator.transform_to_ntt_inplace(ct)
         plain = sealapi.Plaintext()
         self.copier.decrypt(ct, plain)
@@ -460,7 +460,7 @@ class _Seal:
         assert self.decryptor is not None
         plain = sealapi.Plaintext()
         self.decryptor.decrypt(vector.ciphertext()[0], plain)
-        ct = self._load_ciphertext([np.zeros(self.words, dtype=np.uint64), self._ones], ntt=True)
+        ct = self._load(self._zero_and_ones)
         self.evaluator.add_plain_inplace(ct, plain)
         self.evaluator.transform_from_ntt_inplace(ct)
         scratch = _scratch_file()
@@ -470,13 +470,22 @@ class _Seal:
         coefficients[coefficients > q0 // 2] -= q0
         return coefficients
 
-    def _load_ciphertext(self, polys: list[NDArray[np.uint64]], *, ntt: bool) -> sealapi.Ciphertext:
-        """A ciphertext of this context's data level with the given polynomials (RNS form, each below its
-        prime), loaded from SEAL's own serialization, which SEAL validates."""
+    def _ciphertext_bytes(self, polys: list[NDArray[np.uint64]], *, ntt: bool) -> bytes:
+        """SEAL's serialization of a ciphertext of this context's data level with the given polynomials (RNS form,
+        each below its prime)."""
         body = struct.pack("<4Q?QQQdQ", *self.parms_id, ntt, len(polys), self.degree, self.moduli.size, self.scale,
                            1) + _dynarray(np.concatenate(polys))
+        return _sealed(body)
+
+    @functools.cached_property
+    def _zero_and_ones(self) -> bytes:
+        """The ciphertext (0, 1) in the NTT domain, serialized once: decryption adds a plaintext to it."""
+        return self._ciphertext_bytes([np.zeros(self.words, dtype=np.uint64), self._ones], ntt=True)
+
+    def _load(self, serialized: bytes) -> sealapi.Ciphertext:
+        """A ciphertext loaded from SEAL's serialization, which SEAL validates."""
         scratch = _scratch_file()
-        scratch.write(_sealed(body))
+        scratch.write(serialized)
         ct = sealapi.Ciphertext()
         ct.load(self.context, scratch.path)
         return ct

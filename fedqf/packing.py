@@ -61,12 +61,12 @@ class PackingScheme:
     @property
     def field_bits(self) -> int:
         """B = b + ceil(log2 K): room for the sum of K values of b bits."""
-        return self.bits + math.ceil(math.log2(self.max_contributors)) if self.max_contributors > 1 else self.bits
+        return _field_bits(self.bits, self.max_contributors)
 
     @property
     def guard_bits(self) -> int:
         """t: the noise of a sum of K ciphertexts, at most 21 K, stays below 2^(t-1)."""
-        return (SYMMETRIC_NOISE_MAX * self.max_contributors).bit_length() + 1
+        return _guard_bits(self.max_contributors)
 
     @property
     def step(self) -> float:
@@ -87,8 +87,7 @@ class PackingScheme:
         not even one field fits."""
         if not (1 <= bits <= 24 and max_contributors >= 1):
             cls(bits, max_contributors, value_bound, 1)  # raises CryptoError naming the bad argument
-        width = bits + math.ceil(math.log2(max_contributors)) if max_contributors > 1 else bits
-        guard = (SYMMETRIC_NOISE_MAX * max_contributors).bit_length() + 1
+        width, guard = _field_bits(bits, max_contributors), _guard_bits(max_contributors)
         best = (min(params.coeff_mod_bit_sizes[0] - 2, _MAX_COEFFICIENT_BITS) - guard) // width
         if best < 1:
             raise CryptoError(
@@ -177,6 +176,14 @@ class PackingScheme:
         compression."""
         data_primes = max(len(params.coeff_mod_bit_sizes) - 1, 1)
         return 8.0 * data_primes / self.values_per_slot
+
+
+def _field_bits(bits: int, contributors: int) -> int:
+    return bits + math.ceil(math.log2(contributors)) if contributors > 1 else bits
+
+
+def _guard_bits(contributors: int) -> int:
+    return (SYMMETRIC_NOISE_MAX * contributors).bit_length() + 1
 
 
 def reference_sum(values: list[FloatArray], quantized: list[IntArray], scheme: PackingScheme) -> FloatArray:
