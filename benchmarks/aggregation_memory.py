@@ -1,10 +1,11 @@
 """What the coordinator's CKKS aggregation keeps per institution: peak and retained memory of
 `fedqf.aggregation.aggregate_train_replies` over 1, 10 and 100 encrypted replies (issue 4).
 
-Replies are made one at a time by a generator, each with its own copy of the ciphertext bytes, as the coordinator
-pulls them. Two measures, each institution count in a fresh process:
-- process: the peak resident memory (VmHWM, reset through /proc/self/clear_refs once the update is made) above the
-  resident memory just before the round: everything, SEAL's ciphertexts included;
+Replies are made one at a time by a generator, each with its own copy of the ciphertext bytes (and nothing else), as
+the coordinator pulls them. Two measures, each institution count in a fresh process:
+- process: the peak resident memory (VmHWM, reset through /proc/self/clear_refs once the update is made and freed
+  memory is returned with malloc_trim) above the resident memory just before the round: everything, SEAL's
+  memory included;
 - Python: allocations traced by tracemalloc (the ciphertexts travel as Python bytes; SEAL's memory is outside it).
 No Flower runtime: this isolates fedqf's own aggregation. The packing is large_model's (4 bits, 60-bit first prime)
 with headroom for that many institutions.
@@ -15,6 +16,7 @@ with headroom for that many institutions.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import multiprocessing
 import time
@@ -23,14 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from fedqf.aggregation import AggregationSetup, aggregate_train_replies
 from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
     CkksParameters,
-    EncryptedVector,
     encrypt_integers,
     generate_context,
     key_fingerprint,
@@ -44,11 +45,12 @@ from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record
 LARGE_MODEL_PRIMES = (60, 60)  # sandboxes/large_model's coeff_mod_bit_sizes
 
 
-def _reply(node: int, update: EncryptedVector) -> Message:
-    copy = EncryptedVector(chunks=tuple(bytes(bytearray(c)) for c in update.chunks), length=update.length,
-                           fingerprint=update.fingerprint)
+def _reply(node: int, update: ArrayRecord) -> Message:
+    """A reply carrying its own copy of the update's bytes, made with no copy besides: as Flower hands it over."""
+    arrays = ArrayRecord({key: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=bytes(memoryview(a.data)))
+                          for key, a in update.items()})
     content = RecordDict({
-        ARRAYS: encrypted_to_record(copy),
+        ARRAYS: arrays,
         METRICS: MetricRecord({"num-examples": 1000, "weight": 0.5, "train-loss": 0.5}),
         REPORT: ConfigRecord({"status": "ok", "reason": "", "fingerprint": "", "institution": f"h{node}"}),
     })
@@ -81,13 +83,18 @@ def measure(params: int, institutions: int, *, process: bool = False) -> dict[st
                              public_context=public, fingerprint=key_fingerprint(public),
                              encrypted_length=scheme.slots_needed(params))
 
+    record = encrypted_to_record(update)
+
     def replies() -> Iterator[Message]:
         for node in range(1, institutions + 1):
-            yield _reply(node, update)
+            yield _reply(node, record)
 
     mib = 2.0**20
     gc.collect()
     if process:
+        # Freed memory goes back to the system first, or the round would reuse it unseen: the peak counts every
+        # page the round touches.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         base_kib = _status_kib("VmRSS")
         outcome = aggregate_train_replies(1, replies(), setup)

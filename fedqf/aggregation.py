@@ -234,9 +234,9 @@ def aggregate_train_replies(
                                                      weight)
                     else:
                         assert running is not None
-                        update = record_to_encrypted(record)
-                        # The reply's own bytes are released before the update is added: the chunks cut from
-                        # them are all that is held of it, besides the running sum.
+                        # The reply's bytes are released as its ciphertexts are cut from them, and before the
+                        # update is added: those chunks are all that is held of it, besides the running sum.
+                        update = record_to_encrypted(record, release=True)
                         message, record = remove_content_from_message(message), None
                         running.add(update)
                         del update

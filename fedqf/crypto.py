@@ -470,12 +470,27 @@ class _Seal:
         coefficients[coefficients > q0 // 2] -= q0
         return coefficients
 
-    def _ciphertext_bytes(self, polys: list[NDArray[np.uint64]], *, ntt: bool) -> bytes:
+    def _ciphertext_bytes(self, polys: list[NDArray[np.uint64]], *, ntt: bool, seed: bytes = b"") -> bytes:
         """SEAL's serialization of a ciphertext of this context's data level with the given polynomials (RNS form,
-        each below its prime)."""
-        body = struct.pack("<4Q?QQQdQ", *self.parms_id, ntt, len(polys), self.degree, self.moduli.size, self.scale,
-                           1) + _dynarray(np.concatenate(polys))
-        return _sealed(body)
+        each below its prime); given a ``seed`` (PRNG type and seed, as ``_read_chunk`` returns it), the first
+        polynomial only, and SEAL's ``load`` expands the second from the seed."""
+        size = 2 if seed else len(polys)
+        body = _CT_MEMBERS.pack(*self.parms_id, ntt, size, self.degree, self.moduli.size, self.scale, 1)
+        return _sealed(body + _dynarray(np.concatenate(polys)) + (_sealed(seed) if seed else b""))
+
+    def expanded(self, seed: bytes) -> sealapi.Ciphertext:
+        """The ciphertext (0, a) where ``a`` is the polynomial ``seed`` expands to."""
+        return self._load(self._zero_seeded[: -len(seed)] + seed)
+
+    @functools.cached_property
+    def _zero_seeded(self) -> bytes:
+        return self._ciphertext_bytes([np.zeros(self.words, dtype=np.uint64)], ntt=True, seed=bytes(_SEED_BYTES))
+
+    def saved(self, ct: sealapi.Ciphertext, values: int) -> bytes:
+        """``ct`` as a chunk on the wire, holding the slots for ``values`` values."""
+        scratch = _scratch_file()
+        ct.save(scratch.path)
+        return _vector_message(scratch.read(), _slots_for(values), self.scale)
 
     @functools.cached_property
     def _zero_and_ones(self) -> bytes:
@@ -529,23 +544,179 @@ def _dynarray(words: NDArray[np.uint64]) -> bytes:
     return _sealed(struct.pack("<Q", words.size) + words.astype("<u8", copy=False).tobytes())
 
 
-def _saved_words(saved: bytes, count: int) -> NDArray[np.uint64]:
-    """The last ``count`` 64-bit words of a SEAL-saved object (its data array), decompressed as its header says."""
-    mode = saved[5]
-    body = saved[16:]
-    if mode == 2:
-        import zstandard
+def _inflated(mode: int, body: bytes | memoryview, limit: int) -> bytes | memoryview:
+    """A SEAL object's body, decompressed as its header's mode says (0 none, 1 zlib, 2 zstd), never more than
+    ``limit`` bytes of it: a hostile body cannot make a decompression bomb.
 
-        body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    Raises:
+        ValueError: another mode, or a body that does not decompress within ``limit`` bytes.
+    """
+    if mode == 0:
+        out: bytes | memoryview = body
     elif mode == 1:
         import zlib
 
-        body = zlib.decompress(body)
-    elif mode != 0:
-        raise CryptoError(f"SEAL saved with compression mode {mode}, expected none, zlib or zstd")
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(body, limit + 1)
+        if not inflater.eof:
+            raise ValueError("the zlib stream is cut short or longer than expected")
+    elif mode == 2:
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(bytes(body)) as reader:
+            out = reader.read(limit + 1)
+    else:
+        raise ValueError(f"compression mode {mode}, expected none, zlib or zstd")
+    if len(out) > limit:
+        raise ValueError(f"more than {limit} bytes once decompressed")
+    return out
+
+
+def _saved_words(saved: bytes, count: int) -> NDArray[np.uint64]:
+    """The last ``count`` 64-bit words of a SEAL-saved object (its data array), decompressed as its header says."""
+    try:
+        body = _inflated(saved[5], memoryview(saved)[16:], 256 + 8 * count)  # count words and headers
+    except ValueError as exc:
+        raise CryptoError(f"SEAL's saved object does not read back: {exc}") from exc
     if len(body) < 8 * count:
         raise CryptoError(f"SEAL saved {len(body)} bytes, fewer than the {count} words expected")
     return np.frombuffer(body, dtype="<u8", count=count, offset=len(body) - 8 * count).astype(np.uint64, copy=False)
+
+
+# A chunk on the wire (``_vector_message``) is TenSEAL's CKKSVectorProto around SEAL's serialization of one
+# ciphertext: a 16-byte header (magic, header size, version, compression mode, reserved, size), then, compressed as
+# the header says, the ciphertext's members (``_CT_MEMBERS``: parms_id, NTT flag, size, N, number of primes, scale,
+# correction factor), then its polynomials as a DynArray (header, count, words; RNS form, prime by prime). A seeded
+# ciphertext (``encrypt_symmetric``) holds only its first polynomial there, followed by the seed its second expands
+# from (``UniformRandomGeneratorInfo``: header, PRNG type, 64 bytes).
+_CT_MEMBERS: Final = struct.Struct("<4Q?QQQdQ")
+_SEAL_HEADER: Final = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, reserved, size
+_SEAL_MAGIC: Final[int] = 0xA15E
+_SEED_BYTES: Final[int] = 1 + 64  # SEAL's prng_type and its 512-bit seed
+_PRNG_TYPES: Final = (1, 2)  # blake2xb, shake256
+
+
+@dataclass(frozen=True)
+class _ReadChunk:
+    """A ciphertext as the coordinator reads it from the wire: its first polynomial, and either its second or the
+    seed the second expands from; each polynomial an array of (primes, N) residues, each below its prime."""
+
+    first: NDArray[np.uint64]
+    second: NDArray[np.uint64] | None
+    seed: bytes
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 64, 7):
+        if pos >= len(data):
+            raise ValueError("the message is cut short")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("a varint runs over 10 bytes")
+
+
+def _vector_fields(data: memoryview) -> tuple[list[int], list[memoryview], list[float]]:
+    """The sizes, ciphertexts and scale fields of a CKKSVectorProto; any other field is refused."""
+    sizes: list[int] = []
+    ciphertexts: list[memoryview] = []
+    scales: list[float] = []
+    pos = 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        field_number, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length, pos = _read_varint(data, pos)
+            end = pos + length
+            if end > len(data):
+                raise ValueError("a field runs past the end of the message")
+            if field_number == 1:
+                while pos < end:
+                    size, pos = _read_varint(data, pos)
+                    sizes.append(size)
+                if pos != end:
+                    raise ValueError("the packed sizes run past their field")
+            elif field_number == 2:
+                ciphertexts.append(data[pos:end])
+            else:
+                raise ValueError(f"unexpected field {field_number}")
+            pos = end
+        elif field_number == 1 and wire == 0:
+            size, pos = _read_varint(data, pos)
+            sizes.append(size)
+        elif field_number == 3 and wire == 1 and pos + 8 <= len(data):
+            scales.append(struct.unpack_from("<d", data, pos)[0])
+            pos += 8
+        else:
+            raise ValueError(f"unexpected field {field_number} of wire type {wire}")
+    return sizes, ciphertexts, scales
+
+
+def _seal_object(data: bytes | memoryview, limit: int) -> bytes | memoryview:
+    """The body of a serialized SEAL 4 object, decompressed as its header says, at most ``limit`` bytes."""
+    magic, header, major, _minor, mode, reserved, size = _SEAL_HEADER.unpack_from(data, 0)
+    if magic != _SEAL_MAGIC or header != _SEAL_HEADER.size or major != 4 or reserved != 0 or size != len(data):
+        raise ValueError("not a SEAL 4 object")
+    return _inflated(mode, data[_SEAL_HEADER.size :], limit)
+
+
+def _read_chunk(seal: _Seal, index: int, data: bytes, values: int) -> _ReadChunk:
+    """Chunk ``index`` of an update, read and checked as SEAL's ``load`` would, and more strictly: a fresh ciphertext
+    of this context's data level, at its scale, holding the slots for ``values`` values, every residue below its
+    prime, the seed's PRNG one SEAL knows. Nothing is expanded or allocated beyond one polynomial's words.
+
+    Raises:
+        UpdateRejectedError: naming the chunk and what is wrong with it.
+    """
+    expected_slots = _slots_for(values)
+    array = _SEAL_HEADER.size + 8  # a DynArray's header and count, then its words
+    seeded = _CT_MEMBERS.size + array + 8 * seal.words + _SEAL_HEADER.size + _SEED_BYTES
+    full = _CT_MEMBERS.size + array + 16 * seal.words
+    try:
+        sizes, ciphertexts, scales = _vector_fields(memoryview(data))
+        if len(ciphertexts) != 1:
+            raise UpdateRejectedError(f"chunk {index} holds {len(ciphertexts)} ciphertexts, expected 1")
+        if sizes != [expected_slots]:
+            raise UpdateRejectedError(f"chunk {index} holds {sum(sizes)} slots, expected {expected_slots} for "
+                                      f"{values} values")
+        body = _seal_object(ciphertexts[0], full)
+        if len(body) not in (seeded, full):
+            raise ValueError(f"a ciphertext of {len(body)} bytes, expected {seeded} (seeded) or {full}")
+        *parms_id, ntt, size, degree, primes, scale, correction = _CT_MEMBERS.unpack_from(body, 0)
+        if (tuple(parms_id) != seal.parms_id or not ntt or size != 2 or degree != seal.degree
+                or primes != seal.moduli.size or scale != seal.scale or correction != 1 or scales != [seal.scale]):
+            raise UpdateRejectedError(f"chunk {index} is not a fresh ciphertext at the top level and scale "
+                                      f"2^{math.log2(seal.scale):g}")
+        polys = 1 if len(body) == seeded else 2
+        words = _dynarray_words(body[_CT_MEMBERS.size :], polys, seal.words)
+        seed = b""
+        if polys == 1:
+            seed = bytes(_seal_object(body[seeded - _SEAL_HEADER.size - _SEED_BYTES :], _SEED_BYTES))
+            if len(seed) != _SEED_BYTES or seed[0] not in _PRNG_TYPES:
+                raise ValueError("its seed is not one SEAL knows")
+    except UpdateRejectedError:
+        raise
+    except (ValueError, struct.error, IndexError) as exc:
+        raise UpdateRejectedError(f"chunk {index} does not deserialize as a CKKS ciphertext of this key ({exc})") from exc
+    residues = words.reshape(polys, seal.moduli.size, seal.degree)
+    if (residues >= seal.moduli[None, :, None]).any():
+        raise UpdateRejectedError(f"chunk {index} holds a residue at or above its prime: not a ciphertext of this key")
+    return _ReadChunk(residues[0], residues[1] if polys == 2 else None, seed)
+
+
+def _dynarray_words(data: bytes | memoryview, polys: int, words: int) -> NDArray[np.uint64]:
+    """The ``polys * words`` words of a serialized, uncompressed DynArray at the start of ``data``."""
+    count_at = _SEAL_HEADER.size
+    size = count_at + 8 + 8 * polys * words
+    magic, header, major, _minor, mode, reserved, declared = _SEAL_HEADER.unpack_from(data, 0)
+    (count,) = struct.unpack_from("<Q", data, count_at)
+    if (magic != _SEAL_MAGIC or header != _SEAL_HEADER.size or major != 4 or mode != 0 or reserved != 0
+            or declared != size or count != polys * words):
+        raise ValueError(f"its polynomials are not {polys} of {words} words")
+    return np.frombuffer(data, dtype="<u8", count=count, offset=count_at + 8).astype(np.uint64, copy=False)
 
 
 def _seal(ctx: ts.Context) -> _Seal:
@@ -837,10 +1008,16 @@ def _in_worker(work: Callable[..., Any], item: tuple[Any, ...]) -> Any:
 class EncryptedSum:
     """The coordinator's running sum S = sum_k c_k of encrypted updates, kept in place (memory does not grow with k).
 
-    Built on a public context only. ``add`` validates, deserializes and adds an update one chunk at a time, so
-    the coordinator holds the sum, the update's bytes and one deserialized chunk, never a second whole ciphertext
-    vector. A chunk that fails undoes the chunks already added by subtracting them again: additions modulo q are
-    undone exactly, so a rejected update leaves the sum exactly as it was.
+    Built on a public context only. An institution's ciphertext is seeded: its first polynomial, and the seed its
+    second is drawn from (see ``_Seal``). The sum keeps, per chunk, the sum of the first polynomials (modulo each
+    prime) and the seeds, 65 bytes per institution; the second polynomial of S, the sum of the expanded seeds, is
+    computed by SEAL only when the sum is serialized. So the coordinator holds one polynomial per chunk while the
+    updates arrive, half of a two-polynomial sum, plus the update being added. A ciphertext that arrives whole
+    (encrypted under the public key) has its second polynomial summed too.
+
+    ``add`` reads and checks an update one chunk at a time, never a second whole ciphertext vector. A chunk that
+    fails undoes the chunks already added by subtracting them again: additions modulo q are undone exactly, so a
+    rejected update leaves the sum exactly as it was.
 
     Raises:
         CryptoError (construction): the context holds a secret key, ``length`` is not a positive int, or the
@@ -860,13 +1037,17 @@ class EncryptedSum:
             raise CryptoError(
                 f"the public context has fingerprint {actual}, not the federation's {fingerprint!r}"
             )
-        self._context: ts.Context = context
+        self._seal: _Seal = _seal(context)
         self._params: CkksParameters = CkksParameters.from_context(context)
         self._length: int = length
         self._fingerprint: str = fingerprint
         self._chunk_lengths: list[int] = _chunk_lengths(length, self._params.values_per_ciphertext)
-        self._top_parms_id: list[int] = list(context.seal_context().data.first_parms_id())
-        self._sum: list[ts.CKKSVector] = []
+        chunks = len(self._chunk_lengths)
+        self._first: list[NDArray[np.uint64] | None] = [None] * chunks
+        self._second: list[NDArray[np.uint64] | None] = [None] * chunks
+        self._seeds: list[bytearray] = [bytearray() for _ in range(chunks)]
+        self._modulus: NDArray[np.uint64] = self._seal.moduli[:, None]
+        self._scratch: NDArray[np.uint64] | None = None  # one polynomial's room for the reduction
         self._count: int = 0
         self._drained: bool = False
         self._broken: bool = False
@@ -894,24 +1075,39 @@ class EncryptedSum:
         added: list[int] = []
         try:
             for index, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths)):
-                vector = self._deserialize(index, data, n)
-                if self._count:
-                    self._sum[index].add_(vector)
-                else:
-                    self._sum.append(vector)
+                self._accumulate(index, _read_chunk(self._seal, index, data, n), undo=False)
                 added.append(index)
         except BaseException:
             try:
-                if self._count:
-                    for index in added:
-                        self._sum[index].sub_(ts.ckks_vector_from(self._context, update.chunks[index]))
-                else:
-                    self._sum = []
+                for index in added:  # read already once, so they read again
+                    self._accumulate(index, _read_chunk(self._seal, index, update.chunks[index],
+                                                        self._chunk_lengths[index]), undo=True)
             except BaseException:
                 self._broken = True  # part of a rejected update may be left in the sum: it must not be used
                 raise
             raise
         self._count += 1
+
+    def _accumulate(self, index: int, chunk: _ReadChunk, *, undo: bool) -> None:
+        self._first[index] = self._added(self._first[index], chunk.first, undo)
+        if chunk.second is not None:
+            self._second[index] = self._added(self._second[index], chunk.second, undo)
+        elif undo:
+            del self._seeds[index][-_SEED_BYTES:]  # the last seed of a chunk is the update's being undone
+        else:
+            self._seeds[index] += chunk.seed
+
+    def _added(self, total: NDArray[np.uint64] | None, poly: NDArray[np.uint64], undo: bool) -> NDArray[np.uint64]:
+        """total + poly (or total - poly) modulo each prime, in place: residues are below 2^60, so their sum does
+        not overflow, and where it is below q, sum - q wraps above it and the minimum keeps the sum."""
+        if total is None:
+            total = np.zeros_like(poly)
+        if self._scratch is None:
+            self._scratch = np.empty_like(poly)
+        np.add(total, self._modulus - poly if undo else poly, out=total)
+        np.subtract(total, self._modulus, out=self._scratch)
+        np.minimum(total, self._scratch, out=total)
+        return total
 
     def _check_open(self) -> None:
         if self._broken:
@@ -935,25 +1131,22 @@ class EncryptedSum:
                 f"for {self._length} values at {self._params.values_per_ciphertext} values per chunk"
             )
 
-    def _deserialize(self, index: int, data: bytes, values: int) -> ts.CKKSVector:
-        expected_size = _slots_for(values)
-        try:
-            vector = ts.ckks_vector_from(self._context, data)
-            size = int(vector.size())
-            ciphertexts = vector.ciphertext()
-        # pybind11 maps SEAL/protobuf failures on hostile bytes to assorted exception types.
-        except Exception as exc:
-            raise UpdateRejectedError(f"chunk {index} does not deserialize as a CKKS ciphertext of this key") from exc
-        if size != expected_size:
-            raise UpdateRejectedError(f"chunk {index} holds {size} slots, expected {expected_size} for {values} values")
-        if len(ciphertexts) != 1:
-            raise UpdateRejectedError(f"chunk {index} holds {len(ciphertexts)} ciphertexts, expected 1")
-        ct = ciphertexts[0]
-        if ct.size() != 2 or list(ct.parms_id()) != self._top_parms_id or ct.scale != self._params.scale:
-            raise UpdateRejectedError(
-                f"chunk {index} is not a fresh ciphertext at the top level and scale 2^{self._params.global_scale_bits}"
-            )
-        return vector
+    def _serialized(self, index: int) -> bytes:
+        """Chunk ``index`` of S as a whole ciphertext on the wire: its first polynomial, and the sum of the
+        second polynomials, each seed expanded by SEAL and added by SEAL's evaluator."""
+        first, second = self._first[index], self._second[index]
+        assert first is not None
+        seeds = self._seeds[index]
+        seal = self._seal
+        if second is not None:
+            ct = seal._load(seal._ciphertext_bytes([first.ravel(), second.ravel()], ntt=True))
+            rest = range(0, len(seeds), _SEED_BYTES)
+        else:
+            ct = seal._load(seal._ciphertext_bytes([first.ravel()], ntt=True, seed=bytes(seeds[:_SEED_BYTES])))
+            rest = range(_SEED_BYTES, len(seeds), _SEED_BYTES)
+        for at in rest:
+            seal.evaluator.add_inplace(ct, seal.expanded(bytes(seeds[at : at + _SEED_BYTES])))
+        return seal.saved(ct, self._chunk_lengths[index])
 
     def result(self) -> EncryptedVector:
         """The encrypted sum so far, serialized; the sum stays open for more additions.
@@ -962,27 +1155,29 @@ class EncryptedSum:
             FederationError: no update has been added.
         """
         self._check_open()
-        if not self._sum:
+        if not self._count:
             raise FederationError("no encrypted update has been added to the sum")
-        return EncryptedVector(
-            chunks=tuple(v.serialize() for v in self._sum), length=self._length, fingerprint=self._fingerprint
-        )
+        return EncryptedVector(chunks=tuple(self._serialized(i) for i in range(len(self._first))),
+                               length=self._length, fingerprint=self._fingerprint)
 
     def drain(self) -> Iterator[bytes]:
-        """The encrypted sum's chunks, serialized one at a time; each chunk's ciphertext is released once it is
+        """The encrypted sum's chunks, serialized one at a time; each chunk's polynomials are released once it is
         serialized, so the sum and its serialization never both exist whole. The sum takes no more updates.
 
         Raises:
             FederationError: no update has been added, or the sum was drained already.
         """
         self._check_open()
-        if not self._sum:
+        if not self._count:
             raise FederationError("no encrypted update has been added to the sum")
-        vectors, self._sum, self._drained = self._sum[::-1], [], True
+        self._drained = True
 
         def chunks() -> Iterator[bytes]:
-            while vectors:
-                yield vectors.pop().serialize()
+            for index in range(len(self._first)):
+                chunk = self._serialized(index)
+                self._first[index] = self._second[index] = None
+                self._seeds[index] = bytearray()
+                yield chunk
 
         return chunks()
 
@@ -1043,7 +1238,7 @@ def _load_chunk(ctx: ts.Context, index: int, data: bytes, values: int) -> ts.CKK
     try:
         vector = ts.ckks_vector_from(ctx, data)
         size = int(vector.size())
-    except Exception as exc:  # see EncryptedSum._deserialize
+    except Exception as exc:  # pybind11 maps SEAL and protobuf failures on bad bytes to assorted exception types
         raise CryptoError(f"chunk {index} does not decrypt under this context") from exc
     if size != _slots_for(values):
         raise CryptoError(f"chunk {index} holds {size} slots, expected {_slots_for(values)} for {values} values")

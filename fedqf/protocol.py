@@ -179,11 +179,12 @@ def _chunk_sizes(record: ArrayRecord, groups: int) -> list[int] | None:
     return [int(v) for v in sizes]
 
 
-def record_to_encrypted(record: ArrayRecord) -> EncryptedVector:
+def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> EncryptedVector:
     """Unpack an encrypted vector; a record that is not one raises UpdateRejectedError (never another error).
 
     Every ciphertext lies whole inside one Array, in order: the sizes of `fedqf.chunk-bytes` must cut each Array
-    exactly.
+    exactly. With `release`, each Array is removed from the record once it is cut, so that the record's bytes and
+    the ciphertexts cut from them are never both held whole (the coordinator, which reads a reply once).
     """
     group_keys = sorted(k for k in record if k.startswith(CKKS_PREFIX))
     if not group_keys:
@@ -210,6 +211,8 @@ def record_to_encrypted(record: ArrayRecord) -> EncryptedVector:
             cursor += 1
         if start == 0:
             raise UpdateRejectedError(f"chunk '{key}' is empty")
+        if release:
+            del record[key], array, data
     if sizes is not None and cursor != len(sizes):
         raise UpdateRejectedError(f"'{CHUNK_SIZES}' names {len(sizes)} ciphertexts, the arrays hold {cursor}")
     length = _scalar(record, VECTOR_LENGTH, dtype=np.integer)

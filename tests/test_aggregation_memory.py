@@ -21,7 +21,8 @@ def test_memory_kept_after_a_round_is_one_update_whatever_the_number_of_institut
 
 
 def test_peak_stays_under_three_updates_with_a_reply_released_before_it_is_added() -> None:
-    # Issue 4's target, counting Python allocations: the aggregate (two polynomials per ciphertext, 2 updates), and
-    # while adding, one reply's chunks; the reply's own bytes are let go first (fedqf.aggregation).
-    row = measure(300_000, 12)
-    assert row["peak_mib"] < 3.0 * row["update_mib"]
+    # Issue 4's target on large_model's size, counting Python allocations, the running sum (numpy) among them: while
+    # adding, the sum (one polynomial per ciphertext, 1 update) and one reply, whose bytes are let go as its chunks
+    # are cut (fedqf.aggregation); at the end the aggregate (two polynomials per ciphertext, 2 updates).
+    row = measure(1_060_170, 12)
+    assert row["peak_mib"] < 2.6 * row["update_mib"]

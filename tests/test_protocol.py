@@ -43,6 +43,16 @@ def test_grouped_record_gives_back_the_same_ciphertexts(sizes: list[int], group_
     assert record_to_encrypted(record) == vector
 
 
+def test_a_record_read_with_release_gives_up_each_group_once_it_is_cut() -> None:
+    # The coordinator reads a reply once: its bytes must not be held beside the ciphertexts cut from them.
+    vector = _vector([5, 7, 3, 9])
+    record = encrypted_to_record(vector, group_bytes=12)
+    assert len(_groups(record)) == 2
+    assert record_to_encrypted(record) == vector and len(_groups(record)) == 2  # kept without release
+    assert record_to_encrypted(record, release=True) == vector
+    assert _groups(record) == []
+
+
 @pytest.mark.parametrize("group_bytes", [4, 12, 1000])
 def test_chunks_that_arrive_one_at_a_time_make_the_same_record(group_bytes: int) -> None:
     vector = _vector([5, 7, 3, 9])

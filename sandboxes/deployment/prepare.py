@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sklearn.datasets import load_breast_cancer
 
 
