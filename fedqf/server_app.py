@@ -448,6 +448,9 @@ def _main(grid: Grid, context: Context) -> None:
         federation = inputs.config.federation
         policy = RoundPolicy(min_replies=federation.required_institutions, retries=federation.round_retries)
         streaming = StreamingGrid(grid, policy=policy)
+        if inputs.config.secure_aggregation.mode is SecureAggregationMode.CKKS:
+            # the coordinator holds the running sum and one reply, however many institutions answer at once
+            streaming.pull_batch = 1
         if str(context.run_config.get("fedqf-mode", "simulation")) == "simulation":
             from fedqf.simulation import instruction_window
 

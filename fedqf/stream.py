@@ -65,7 +65,10 @@ class StreamingGrid(Grid):
         self.before_send: Callable[[list[Message]], None] | None = None
         # Called with an institution's node id when an instruction to it ends in an error reply.
         self.on_failure: Callable[[int], None] | None = None
-        self.pull_batch: int | None = None  # pull at most this many replies at once (blocks: one at a time)
+        # Pull at most this many replies at once, going round the institutions in flight (None: every reply that
+        # is in). Flower's pull_messages returns the replies it finds together, so with N institutions answering
+        # at once the coordinator would hold N encrypted updates: CKKS rounds and blocks pull one at a time.
+        self.pull_batch: int | None = None
         # At most this many instructions of an exchange in flight (sent, their reply not yet handed on): the next
         # institution is asked as a reply is consumed. A simulation, whose institutions take turns on a few
         # workers, sets it, so that replies do not pile up in the engine while the ServerApp adds earlier ones.
@@ -167,6 +170,7 @@ class _Exchange:
         self.before_resend = before_resend
         self.on_failure = on_failure
         self.pull_batch = pull_batch
+        self._turn = 0  # where the next turn of pulls starts (pull_batch)
         self.outgoing = outgoing
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -263,14 +267,29 @@ class _Exchange:
         if self.queued:
             self.send([self.queued.pop(0)])
 
+    def _wanted(self) -> list[str]:
+        """The replies to ask for in this pull: all in flight, or the next `pull_batch` of them in turn, so that a
+        slow institution does not keep the others' replies waiting."""
+        ids = sorted(self.pending)
+        if not self.pull_batch or not ids:
+            return ids
+        start = self._turn % len(ids)
+        wanted = (ids[start:] + ids[:start])[: self.pull_batch]
+        self._turn = start + len(wanted)
+        return wanted
+
     def replies(self) -> Iterator[Message]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         next_node_check = 0.0
+        self._turn = 0
+        unanswered = 0  # ids asked for since the last reply arrived: a whole turn of them empty means wait
         while not self._settled():
             past_deadline = deadline is not None and time.monotonic() >= deadline
-            wanted = list(self.pending)[: self.pull_batch] if self.pull_batch else list(self.pending)
+            wanted = self._wanted()
             arrived = list(self.inner.pull_messages(wanted)) if wanted else []
-            for message in arrived:
+            unanswered = 0 if arrived else unanswered + len(wanted)
+            while arrived:
+                message = arrived.pop(0)  # not held here once the strategy has consumed it
                 message_id = message.metadata.reply_to_message_id
                 self.pending.discard(message_id)
                 node = self.destination.get(message_id)
@@ -299,7 +318,8 @@ class _Exchange:
                     break
                 assert self.timeout is not None
                 deadline = time.monotonic() + self.timeout
-            if not arrived:  # replies may be waiting still: pull again at once
+            if unanswered >= len(self.pending):  # a whole turn found nothing; after a reply, pull again at once
+                unanswered = 0
                 time.sleep(self.poll_interval)
         limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
         for node, message in self.outgoing.items():

@@ -339,3 +339,29 @@ def test_an_instruction_the_superlink_refuses_does_not_hold_a_place_in_the_windo
     assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == [1, 3, 4, 5, 6]
     missing = [r for r in replies if r.has_error()]
     assert [r.metadata.src_node_id for r in missing] == [2]
+
+
+def test_one_reply_at_a_time_in_turn_so_a_silent_institution_keeps_no_reply_waiting() -> None:
+    # CKKS rounds pull one reply per request (the coordinator then holds one update besides its sum), going round
+    # the institutions in flight: the replies of those that answered are pulled while one stays silent.
+    fake = FakeGrid({1: Node(["lose"]), 2: Node(["answer"]), 3: Node(["answer"]), 4: Node(["answer"]),
+                     5: Node(["answer"])})
+    asked: list[int] = []
+    pull = fake.pull_messages
+
+    def counted(ids: Iterable[str]) -> Iterable[Message]:
+        ids = list(ids)
+        asked.append(len(ids))
+        return pull(ids)
+
+    fake.pull_messages = counted  # type: ignore[method-assign]
+    grid = StreamingGrid(fake, policy=RoundPolicy(min_replies=4, retries=0), poll_interval=0.001,  # type: ignore[arg-type]
+                         node_check_interval=0.0)
+    grid.pull_batch = 1
+    pulls_when_answered: dict[int, int] = {}
+    for reply in grid.send_and_receive(_instructions(sorted(fake.nodes)), timeout=0.2):
+        if not reply.has_error():
+            pulls_when_answered[reply.metadata.src_node_id] = len(asked)
+    assert sorted(pulls_when_answered) == [2, 3, 4, 5]
+    assert max(pulls_when_answered.values()) <= 2 * len(fake.nodes)  # within two turns, not at the deadline
+    assert set(asked) == {1}

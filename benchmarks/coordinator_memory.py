@@ -1,0 +1,134 @@
+"""The coordinator's memory against the number of institutions, in Flower's deployment runtime (issue 4).
+
+In a simulation the ServerApp shares its process with Flower's simulation engine; in a deployment it is a process of
+its own (`flwr-serverapp`) beside the SuperLink, which together are the coordinator. This starts a deployment-mode
+`flower-superlink` (insecure, loopback, its state in SQLite as fedqf deploys it) and one `flower-supernode` per
+institution, and runs benchmarks/coordinator_memory_app.py: fedqf's own streaming grid and aggregation over
+`--rounds` rounds of packed, encrypted updates of `--params` parameters (large_model's CKKS parameters and 4-bit
+packing, headroom for `--headroom` institutions, so that every count sends updates of the same size).
+
+Reported for each institution count and round: the ServerApp's peak above its memory at the round's start (it
+measures itself: malloc_trim, clear_refs, VmHWM), and the SuperLink's private memory (RssAnon, sampled every 0.2 s)
+at its peak in the round above its value as the round began; both against one encrypted update.
+
+    PYTHONPATH=. python benchmarks/coordinator_memory.py [--institutions 10 100] [--params 1060170] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from deployment_round_time import start_insecure_supernodes
+from large_update import start_superlink
+from secure_aggregation import APP_PATH, MemorySampler, machine
+
+from fedqf.crypto import CkksParameters, generate_context, serialize_private_context, serialize_public_context
+from fedqf.errors import FederationError
+from fedqf.runtime import SuperLink, app_manifest, stop_process_group, submit_run
+
+LARGE_MODEL = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=21)
+PATTERNS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp")
+MANIFEST = app_manifest(
+    name="coordinator-memory-bench",
+    description="fedqf's coordinator memory against the number of institutions (fedqf issue 4)",
+    serverapp="coordinator_memory_app:server",
+    clientapp="coordinator_memory_app:client",
+    config={"bench-params": 0, "bench-institutions": 0, "bench-headroom": 0, "bench-bits": 4, "bench-rounds": 3,
+            "bench-secret-context": "", "bench-public-context": "", "bench-out": ""},
+)
+
+
+def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float) -> dict[str, object]:
+    work.mkdir(parents=True, exist_ok=True)
+    secret_path, public_path, result_path = work / "secret.ctx", work / "public.ctx", work / "result.json"
+    secret = generate_context(LARGE_MODEL)
+    secret_path.write_bytes(serialize_private_context(secret))
+    secret_path.chmod(0o600)
+    public_path.write_bytes(serialize_public_context(secret))
+    del secret
+    superlink: SuperLink | None = None
+    supernodes: list[subprocess.Popen[bytes]] = []
+    started = time.perf_counter()
+    with MemorySampler(PATTERNS) as sampler:
+        try:
+            superlink = start_superlink(work, env=APP_PATH, database="sqlite")
+            supernodes += start_insecure_supernodes(
+                work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
+            lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
+                "bench-params": params, "bench-institutions": institutions, "bench-headroom": headroom,
+                "bench-rounds": rounds, "bench-secret-context": str(secret_path),
+                "bench-public-context": str(public_path), "bench-out": str(result_path)})
+            (work / "flwr-run.log").write_text("\n".join(lines) + "\n")
+        finally:
+            for process in supernodes:
+                stop_process_group(process)
+            if superlink is not None:
+                superlink.stop()
+    if not result_path.exists():
+        tail = (work / "flwr-run.log").read_text()[-3000:] if (work / "flwr-run.log").exists() else ""
+        raise FederationError(f"the coordinator-memory run wrote no result (see {work}):\n{tail}")
+    result = json.loads(result_path.read_text())
+    link = sampler.anon["flower-superlink"]
+    for row in result["rounds"]:  # the SuperLink's private memory at the round's start and at its peak in the round
+        before = [kib for at, kib in link if at <= row["monotonic_start"]]
+        during = [kib for at, kib in link if row["monotonic_start"] <= at <= row["monotonic_end"]]
+        row["superlink_anon_start_kib"] = before[-1] if before else 0
+        row["superlink_growth_kib"] = max(during, default=0) - row["superlink_anon_start_kib"]
+    result["serverapp_hwm_peak_kib"] = sampler.peak_hwm_kib.get("flwr-serverapp", 0)
+    result["processes_seen"] = {k: len(v) for k, v in sampler.seen.items()}
+    result["outer_seconds"] = time.perf_counter() - started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--institutions", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--params", type=int, default=1_060_170)
+    parser.add_argument("--headroom", type=int, default=0, help="institutions the packing allows (default: the most "
+                        "of --institutions)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-coordinator-memory-"))).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    headroom = args.headroom or max(args.institutions)
+    print(f"machine: {machine()}", flush=True)
+    results = {}
+    for count in args.institutions:
+        print(f"{count} institutions ...", flush=True)
+        results[str(count)] = run(out / f"k{count}", institutions=count, params=args.params, headroom=headroom,
+                                  rounds=args.rounds, timeout=args.timeout)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    mib = 1024.0
+    print("| institutions | one update MiB | ServerApp peak above round start MiB, each round | peak / update, "
+          "rounds >= 2 | SuperLink private growth in the round MiB, each round | / update, rounds >= 2 | "
+          "mismatches |")
+    print("|---:|---:|---|---:|---|---:|---:|")
+    for count, r in results.items():
+        rows: list[dict[str, float]] = r["rounds"]  # type: ignore[assignment]
+        update = float(r["update_bytes"]) / 2**20  # type: ignore[arg-type]
+        peaks = [row["peak_kib"] / mib for row in rows]
+        links = [row["superlink_growth_kib"] / mib for row in rows]
+        mismatches = sum(row["mismatches"] for row in rows)
+        print(f"| {count} | {update:.2f} | {', '.join(f'{p:.1f}' for p in peaks)} | "
+              f"{max(peaks[1:] or peaks) / update:.2f}x | {', '.join(f'{g:.1f}' for g in links)} | "
+              f"{max(links[1:] or links) / update:.2f}x | {mismatches:.0f} |", flush=True)
+    print(f"outputs: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""ServerApp and ClientApp of benchmarks/coordinator_memory.py: fedqf's coordinator path in Flower's deployment
+runtime, with institutions that only encrypt (issue 4).
+
+The ServerApp runs what fedqf's coordinator runs on every training round: `fedqf.stream.StreamingGrid` hands the
+replies over as they arrive, `fedqf.aggregation.aggregate_train_replies` checks each and adds it into the running
+sum, and the aggregate goes back to every institution, which decrypts it and checks it against the exact sum. What
+it leaves out is training: an institution's update is `bench-params` quantized random values (seeded by the
+institution and the round), packed and encrypted under the federation's key as fedqf's institutions do, so that
+100 institutions fit one host.
+
+Before every round the ServerApp gives freed memory back to the system (`malloc_trim`), resets its own VmHWM
+(`/proc/self/clear_refs`) and reads its VmRSS; after the aggregate is sent it reads VmHWM again. The difference is
+the coordinator's peak during the round above its baseline, written to `bench-out` with the size of one update.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedqf.aggregation import SIZE_MARGIN, AggregationSetup, aggregate_train_replies
+from fedqf.config import SecureAggregationMode
+from fedqf.crypto import (
+    CkksParameters,
+    decrypt_integers,
+    encrypt_integers,
+    key_fingerprint,
+    load_private_context,
+    load_public_context,
+)
+from fedqf.model import ParameterLayout
+from fedqf.packing import PackingScheme
+from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record, record_to_encrypted
+from fedqf.stream import RoundPolicy, StreamingGrid
+
+VALUE_BOUND = 0.05
+WEIGHT = 1.0
+
+
+def _setting(context: Context, key: str) -> str:
+    return str(context.run_config[f"bench-{key}"])
+
+
+def _scheme(context: Context, params: CkksParameters) -> PackingScheme:
+    return PackingScheme.design(params, bits=int(_setting(context, "bits")),
+                                max_contributors=int(_setting(context, "headroom")), value_bound=VALUE_BOUND)
+
+
+def _quantized(index: int, server_round: int, length: int, scheme: PackingScheme) -> np.ndarray:
+    rng = np.random.default_rng([index, server_round])
+    return scheme.quantize(rng.uniform(-VALUE_BOUND, VALUE_BOUND, length), rng)
+
+
+def _round_of(message: Message) -> int:
+    config = message.content["config"]
+    assert isinstance(config, ConfigRecord)
+    return int(config["round"])  # type: ignore[arg-type]
+
+
+client = ClientApp()
+
+
+@client.train()
+def _encrypt(message: Message, context: Context) -> Message:
+    secret = load_private_context(Path(_setting(context, "secret-context")).read_bytes())
+    scheme = _scheme(context, CkksParameters.from_context(secret))
+    index = int(context.node_config["partition-id"])
+    params = int(_setting(context, "params"))
+    encrypted = encrypt_integers(secret, scheme.pack(_quantized(index, _round_of(message), params, scheme)))
+    content = RecordDict({
+        ARRAYS: encrypted_to_record(encrypted),
+        METRICS: MetricRecord({"num-examples": 1000, "weight": WEIGHT, "train-loss": 0.0,
+                               "update-bytes": encrypted.nbytes}),
+        REPORT: ConfigRecord({"status": "ok", "reason": "", "institution": f"bench-{index}"}),
+    })
+    return Message(content, reply_to=message)
+
+
+@client.evaluate()
+def _decrypt(message: Message, context: Context) -> Message:
+    secret = load_private_context(Path(_setting(context, "secret-context")).read_bytes())
+    scheme = _scheme(context, CkksParameters.from_context(secret))
+    params = int(_setting(context, "params"))
+    record = message.content[ARRAYS]
+    assert isinstance(record, ArrayRecord)
+    sums = scheme.unpack(decrypt_integers(secret, record_to_encrypted(record)), params)
+    server_round = _round_of(message)
+    expected = sum(_quantized(k, server_round, params, scheme) for k in range(int(_setting(context, "institutions"))))
+    mismatches = int(np.count_nonzero(sums != expected))
+    return Message(RecordDict({METRICS: MetricRecord({"mismatches": mismatches})}), reply_to=message)
+
+
+def _status_kib() -> dict[str, int]:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in lines)
+            if k in ("VmRSS", "VmHWM", "RssAnon")}
+
+
+server = ServerApp()
+
+
+@server.main()
+def _main(grid: Grid, context: Context) -> None:
+    params, institutions = int(_setting(context, "params")), int(_setting(context, "institutions"))
+    public = load_public_context(Path(_setting(context, "public-context")).read_bytes())
+    ckks = CkksParameters.from_context(public)
+    scheme = _scheme(context, ckks)
+    length = scheme.slots_needed(params)
+    chunks = -(-length // ckks.values_per_ciphertext)
+    setup = AggregationSetup(
+        mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((params,),)),
+        min_institutions=institutions, public_context=public, fingerprint=key_fingerprint(public),
+        encrypted_length=length,
+        max_update_bytes=2 * chunks * (ckks.poly_modulus_degree * (len(ckks.coeff_mod_bit_sizes) - 1) * 8 + 512)
+        + SIZE_MARGIN)  # fedqf.aggregation.update_size_limit's rule
+    streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions))
+    while len(list(grid.get_node_ids())) < institutions:
+        time.sleep(0.5)
+    nodes = sorted(grid.get_node_ids())
+    libc = ctypes.CDLL("libc.so.6")
+    rounds: list[dict[str, float]] = []
+    update_bytes = 0
+    for server_round in range(1, int(_setting(context, "rounds")) + 1):
+        config = ConfigRecord({"round": server_round})
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kib()
+        started, since = time.perf_counter(), time.monotonic()  # monotonic: the same clock in every process
+        instructions = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="train")
+                        for node in nodes]
+        outcome = aggregate_train_replies(server_round, streaming.send_and_receive(instructions), setup)
+        if len(outcome.accepted) != institutions or outcome.arrays is None:
+            raise RuntimeError(f"round {server_round}: {len(outcome.accepted)} of {institutions} updates accepted: "
+                               f"{[r.reason for r in outcome.reports if r.reason][:3]}")
+        summed = time.perf_counter()
+        after_sum = _status_kib()
+        update_bytes = max(int(r.metrics["update-bytes"]) for r in outcome.reports)
+        aggregate = outcome.arrays
+        del outcome
+        back = [Message(RecordDict({"config": config, ARRAYS: aggregate}), dst_node_id=node, message_type="evaluate")
+                for node in nodes]
+        del aggregate
+        mismatches = 0
+        for reply in streaming.send_and_receive(back):
+            if reply.has_error():
+                raise RuntimeError(f"round {server_round}: decryption failed: {reply.error.reason}")
+            metrics = reply.content[METRICS]
+            assert isinstance(metrics, MetricRecord)
+            mismatches += int(metrics["mismatches"])  # type: ignore[arg-type]
+        del back
+        after = _status_kib()
+        rounds.append({
+            "round": server_round, "baseline_rss_kib": before["VmRSS"], "baseline_anon_kib": before["RssAnon"],
+            "peak_to_sum_kib": after_sum["VmHWM"] - before["VmRSS"], "peak_kib": after["VmHWM"] - before["VmRSS"],
+            "collect_and_sum_seconds": summed - started, "round_seconds": time.perf_counter() - started,
+            "mismatches": mismatches, "monotonic_start": since, "monotonic_end": time.monotonic(),
+        })
+        print(f"round {server_round}: {institutions} updates summed in {summed - started:.1f} s; coordinator peak "
+              f"{(after['VmHWM'] - before['VmRSS']) / 1024:.1f} MiB above {before['VmRSS'] / 1024:.0f} MiB; "
+              f"{mismatches} mismatches", flush=True)
+    Path(_setting(context, "out")).write_text(json.dumps({
+        "params": params, "institutions": institutions, "update_bytes": update_bytes, "chunks": chunks,
+        "values_per_coefficient": scheme.values_per_slot, "rounds": rounds}, indent=2))
