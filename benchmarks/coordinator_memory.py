@@ -46,7 +46,7 @@ MANIFEST = app_manifest(
     serverapp="coordinator_memory_app:server",
     clientapp="coordinator_memory_app:client",
     config={"bench-params": 0, "bench-institutions": 0, "bench-headroom": 0, "bench-bits": 4, "bench-rounds": 3,
-            "bench-secret-context": "", "bench-public-context": "", "bench-out": ""},
+            "bench-round-timeout": 120, "bench-secret-context": "", "bench-public-context": "", "bench-out": ""},
 )
 
 
@@ -112,20 +112,23 @@ def main() -> None:
         print(f"{count} institutions ...", flush=True)
         results[str(count)] = run(out / f"k{count}", institutions=count, params=args.params, headroom=headroom,
                                   rounds=args.rounds, timeout=args.timeout)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     mib = 1024.0
     print("| institutions | one update MiB | ServerApp peak above round start MiB, each round | peak / update, "
-          "rounds >= 2 | SuperLink private growth in the round MiB, each round | / update, rounds >= 2 | "
-          "mismatches |")
-    print("|---:|---:|---|---:|---|---:|---:|")
+          "rounds >= 2 | Python peak MiB, each round | SuperLink private growth in the round MiB, each round | "
+          "/ update, rounds >= 2 | mismatches |")
+    print("|---:|---:|---|---:|---|---|---:|---:|")
     for count, r in results.items():
         rows: list[dict[str, float]] = r["rounds"]  # type: ignore[assignment]
         update = float(r["update_bytes"]) / 2**20  # type: ignore[arg-type]
         peaks = [row["peak_kib"] / mib for row in rows]
         links = [row["superlink_growth_kib"] / mib for row in rows]
+        pythons = [row["python_peak_kib"] / mib for row in rows]
         mismatches = sum(row["mismatches"] for row in rows)
         print(f"| {count} | {update:.2f} | {', '.join(f'{p:.1f}' for p in peaks)} | "
-              f"{max(peaks[1:] or peaks) / update:.2f}x | {', '.join(f'{g:.1f}' for g in links)} | "
+              f"{max(peaks[1:] or peaks) / update:.2f}x | "
+              f"{', '.join(f'{python:.1f}' for python in pythons)} | "
+              f"{', '.join(f'{g:.1f}' for g in links)} | "
               f"{max(links[1:] or links) / update:.2f}x | {mismatches:.0f} |", flush=True)
     print(f"outputs: {out}")
 

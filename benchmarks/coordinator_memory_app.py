@@ -10,7 +10,8 @@ institution and the round), packed and encrypted under the federation's key as f
 
 Before every round the ServerApp gives freed memory back to the system (`malloc_trim`), resets its own VmHWM
 (`/proc/self/clear_refs`) and reads its VmRSS; after the aggregate is sent it reads VmHWM again. The difference is
-the coordinator's peak during the round above its baseline, written to `bench-out` with the size of one update.
+the coordinator's peak during the round above its baseline, written to `bench-out` with the size of one update,
+and with the peak of what Python allocates in the round (tracemalloc: Flower's messages, fedqf's sum).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedqf.aggregation import SIZE_MARGIN, AggregationSetup, aggregate_train_replies
 from fedqf.config import SecureAggregationMode
 from fedqf.crypto import (
     CkksParameters,
@@ -35,7 +36,6 @@ from fedqf.crypto import (
     load_private_context,
     load_public_context,
 )
-from fedqf.model import ParameterLayout
 from fedqf.packing import PackingScheme
 from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record, record_to_encrypted
 from fedqf.stream import RoundPolicy, StreamingGrid
@@ -108,6 +108,10 @@ server = ServerApp()
 
 @server.main()
 def _main(grid: Grid, context: Context) -> None:
+    # here, not at the top: the ClientApp, started afresh for every message, does not import torch (fedqf.model)
+    from fedqf.aggregation import SIZE_MARGIN, AggregationSetup, aggregate_train_replies
+    from fedqf.model import ParameterLayout
+
     params, institutions = int(_setting(context, "params")), int(_setting(context, "institutions"))
     public = load_public_context(Path(_setting(context, "public-context")).read_bytes())
     ckks = CkksParameters.from_context(public)
@@ -120,7 +124,11 @@ def _main(grid: Grid, context: Context) -> None:
         encrypted_length=length,
         max_update_bytes=2 * chunks * (ckks.poly_modulus_degree * (len(ckks.coeff_mod_bit_sizes) - 1) * 8 + 512)
         + SIZE_MARGIN)  # fedqf.aggregation.update_size_limit's rule
-    streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions))
+    # as fedqf's coordinator: a reply that does not come by the deadline (a SuperNode whose push failed) is asked
+    # for again; one reply pulled at a time
+    streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
+    streaming.pull_batch = 1
+    deadline = float(_setting(context, "round-timeout"))
     while len(list(grid.get_node_ids())) < institutions:
         time.sleep(0.5)
     nodes = sorted(grid.get_node_ids())
@@ -132,10 +140,13 @@ def _main(grid: Grid, context: Context) -> None:
         libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = _status_kib()
+        tracemalloc.start()
+        traced_base = tracemalloc.get_traced_memory()[0]
         started, since = time.perf_counter(), time.monotonic()  # monotonic: the same clock in every process
         instructions = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="train")
                         for node in nodes]
-        outcome = aggregate_train_replies(server_round, streaming.send_and_receive(instructions), setup)
+        outcome = aggregate_train_replies(server_round, streaming.send_and_receive(instructions, timeout=deadline),
+                                          setup)
         if len(outcome.accepted) != institutions or outcome.arrays is None:
             raise RuntimeError(f"round {server_round}: {len(outcome.accepted)} of {institutions} updates accepted: "
                                f"{[r.reason for r in outcome.reports if r.reason][:3]}")
@@ -148,7 +159,7 @@ def _main(grid: Grid, context: Context) -> None:
                 for node in nodes]
         del aggregate
         mismatches = 0
-        for reply in streaming.send_and_receive(back):
+        for reply in streaming.send_and_receive(back, timeout=deadline):
             if reply.has_error():
                 raise RuntimeError(f"round {server_round}: decryption failed: {reply.error.reason}")
             metrics = reply.content[METRICS]
@@ -156,15 +167,20 @@ def _main(grid: Grid, context: Context) -> None:
             mismatches += int(metrics["mismatches"])  # type: ignore[arg-type]
         del back
         after = _status_kib()
+        traced_peak = tracemalloc.get_traced_memory()[1] - traced_base
+        tracemalloc.stop()
         rounds.append({
             "round": server_round, "baseline_rss_kib": before["VmRSS"], "baseline_anon_kib": before["RssAnon"],
             "peak_to_sum_kib": after_sum["VmHWM"] - before["VmRSS"], "peak_kib": after["VmHWM"] - before["VmRSS"],
+            "python_peak_kib": traced_peak / 1024,
             "collect_and_sum_seconds": summed - started, "round_seconds": time.perf_counter() - started,
             "mismatches": mismatches, "monotonic_start": since, "monotonic_end": time.monotonic(),
         })
         print(f"round {server_round}: {institutions} updates summed in {summed - started:.1f} s; coordinator peak "
-              f"{(after['VmHWM'] - before['VmRSS']) / 1024:.1f} MiB above {before['VmRSS'] / 1024:.0f} MiB; "
+              f"{(after['VmHWM'] - before['VmRSS']) / 1024:.1f} MiB above {before['VmRSS'] / 1024:.0f} MiB "
+              f"(Python peak {traced_peak / 2**20:.1f} MiB); "
               f"{mismatches} mismatches", flush=True)
-    Path(_setting(context, "out")).write_text(json.dumps({
-        "params": params, "institutions": institutions, "update_bytes": update_bytes, "chunks": chunks,
-        "values_per_coefficient": scheme.values_per_slot, "rounds": rounds}, indent=2))
+        # written after every round, so that a run cut short keeps what it measured
+        Path(_setting(context, "out")).write_text(json.dumps({
+            "params": params, "institutions": institutions, "update_bytes": update_bytes, "chunks": chunks,
+            "values_per_coefficient": scheme.values_per_slot, "rounds": rounds}, indent=2))
