@@ -129,7 +129,11 @@ def _main(grid: Grid, context: Context) -> None:
     streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
     streaming.pull_batch = 1
     deadline = float(_setting(context, "round-timeout"))
+    wait_until = time.monotonic() + deadline
     while len(list(grid.get_node_ids())) < institutions:
+        if time.monotonic() > wait_until:
+            raise RuntimeError(f"{len(list(grid.get_node_ids()))} of {institutions} SuperNodes connected in "
+                               f"{deadline:.0f} s")
         time.sleep(0.5)
     nodes = sorted(grid.get_node_ids())
     libc = ctypes.CDLL("libc.so.6")

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import socket
 import subprocess
 import sys
 import tempfile
@@ -263,15 +264,24 @@ class StockRun:
 
 def start_insecure_supernodes(work: Path, superlink: str, node_configs: Sequence[str], *,
                               env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    """One plain (loopback, no TLS) SuperNode per node config, each with its own FLWR_HOME and log under `work`."""
+    """One plain (loopback, no TLS) SuperNode per node config, each with its own FLWR_HOME and log under `work`.
+
+    Their ports are chosen together, each socket held until all are chosen: ports picked one at a time can repeat
+    (the system hands a port back as soon as its socket closes), and a SuperNode whose port is taken exits."""
     processes: list[subprocess.Popen[bytes]] = []
-    for k, node_config in enumerate(node_configs):
+    held = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in node_configs]
+    for sock in held:
+        sock.bind(("127.0.0.1", 0))
+    ports = [int(sock.getsockname()[1]) for sock in held]
+    for sock in held:
+        sock.close()
+    for k, (node_config, port) in enumerate(zip(node_configs, ports)):
         home = work / f"supernode{k}"
         home.mkdir(exist_ok=True)
         with (work / f"supernode{k}.log").open("wb") as handle:
             processes.append(subprocess.Popen(
                 ["flower-supernode", "--insecure", "--superlink", superlink, "--node-config", node_config,
-                 "--port", str(free_port())],
+                 "--port", str(port)],
                 stdout=handle, stderr=subprocess.STDOUT, env=flower_environment({"FLWR_HOME": str(home), **env}),
                 cwd=home, start_new_session=True,
             ))  # fmt: skip
