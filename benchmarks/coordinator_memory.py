@@ -50,7 +50,8 @@ MANIFEST = app_manifest(
 )
 
 
-def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float) -> dict[str, object]:
+def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float,
+        round_timeout: float) -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     secret_path, public_path, result_path = work / "secret.ctx", work / "public.ctx", work / "result.json"
     secret = generate_context(LARGE_MODEL)
@@ -68,7 +69,7 @@ def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: in
                 work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
             lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
                 "bench-params": params, "bench-institutions": institutions, "bench-headroom": headroom,
-                "bench-rounds": rounds, "bench-secret-context": str(secret_path),
+                "bench-rounds": rounds, "bench-round-timeout": round_timeout, "bench-secret-context": str(secret_path),
                 "bench-public-context": str(public_path), "bench-out": str(result_path)})
             (work / "flwr-run.log").write_text("\n".join(lines) + "\n")
         finally:
@@ -100,6 +101,8 @@ def main() -> None:
                         "of --institutions)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds before the institutions that "
+                        "have not answered are asked again (a SuperNode's push can fail under load)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-coordinator-memory-"))).resolve()
@@ -111,7 +114,7 @@ def main() -> None:
     for count in args.institutions:
         print(f"{count} institutions ...", flush=True)
         results[str(count)] = run(out / f"k{count}", institutions=count, params=args.params, headroom=headroom,
-                                  rounds=args.rounds, timeout=args.timeout)
+                                  rounds=args.rounds, timeout=args.timeout, round_timeout=args.round_timeout)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     mib = 1024.0
     print("| institutions | one update MiB | ServerApp peak above round start MiB, each round | peak / update, "

@@ -127,7 +127,7 @@ def _main(grid: Grid, context: Context) -> None:
     # as fedqf's coordinator: a reply that does not come by the deadline (a SuperNode whose push failed) is asked
     # for again; one reply pulled at a time
     streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
-    streaming.pull_batch = 1
+    streaming.one_at_a_time = True
     deadline = float(_setting(context, "round-timeout"))
     wait_until = time.monotonic() + deadline
     while len(list(grid.get_node_ids())) < institutions:

@@ -280,7 +280,7 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         # Updates travel in blocks; the summed blocks live beside the checkpoint, for catch-up and resume.
         streaming = grid if isinstance(grid, StreamingGrid) else StreamingGrid(grid)
         relay_grid = StreamingGrid(streaming.inner)
-        relay_grid.pull_batch = 1  # one block reply at a time: the coordinator holds one block, not one per institution
+        relay_grid.one_at_a_time = True  # the coordinator holds one block, not one per institution
         relay = BlockRelay(relay_grid, inputs.out_dir / CHECKPOINT_DIRECTORY, blocks, config_text,
                            config.federation.round_timeout)
         relay.check_stored(recorder.aggregate_rounds)  # on resume: every block of every stored aggregate
@@ -450,7 +450,7 @@ def _main(grid: Grid, context: Context) -> None:
         streaming = StreamingGrid(grid, policy=policy)
         if inputs.config.secure_aggregation.mode is SecureAggregationMode.CKKS:
             # the coordinator holds the running sum and one reply, however many institutions answer at once
-            streaming.pull_batch = 1
+            streaming.one_at_a_time = True
         if str(context.run_config.get("fedqf-mode", "simulation")) == "simulation":
             from fedqf.simulation import instruction_window
 

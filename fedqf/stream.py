@@ -65,10 +65,10 @@ class StreamingGrid(Grid):
         self.before_send: Callable[[list[Message]], None] | None = None
         # Called with an institution's node id when an instruction to it ends in an error reply.
         self.on_failure: Callable[[int], None] | None = None
-        # Pull at most this many replies at once, going round the institutions in flight (None: every reply that
-        # is in). Flower's pull_messages returns the replies it finds together, so with N institutions answering
-        # at once the coordinator would hold N encrypted updates: CKKS rounds and blocks pull one at a time.
-        self.pull_batch: int | None = None
+        # Pull the replies that are in one at a time (`_pull_one_at_a_time`): Flower's pull_messages inflates every
+        # reply it finds before it returns, so with N institutions answering at once the coordinator would hold N
+        # encrypted updates. CKKS rounds and blocks set it.
+        self.one_at_a_time = False
         # At most this many instructions of an exchange in flight (sent, their reply not yet handed on): the next
         # institution is asked as a reply is consumed. A simulation, whose institutions take turns on a few
         # workers, sets it, so that replies do not pile up in the engine while the ServerApp adds earlier ones.
@@ -151,12 +151,66 @@ class StreamingGrid(Grid):
         outgoing = {m.metadata.dst_node_id: m for m in messages}
         exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
                              node_check_interval=self._node_check_interval, before_resend=self.before_send,
-                             on_failure=self.on_failure, pull_batch=self.pull_batch)
+                             on_failure=self.on_failure, one_at_a_time=self.one_at_a_time)
         nodes = list(outgoing)
         if self.window is not None and self.window < len(nodes):
             nodes, exchange.queued = nodes[: self.window], nodes[self.window :]
         exchange.send(nodes)
         return exchange.replies()
+
+
+def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]:
+    """The replies to `message_ids` that are in, each one's content pulled only once the one before has been
+    consumed.
+
+    Flower's deployment grid (`HttpGrid.pull_messages`) takes every reply it finds from the SuperLink and pulls and
+    inflates all of their contents before it returns them: with N institutions answering at once, the coordinator
+    would hold N encrypted updates. This asks the SuperLink once for every reply that is in (their metadata and
+    object trees only; Flower's PullMessages request) and then, lazily, pulls one reply's objects, confirms it
+    and inflates it, as Flower does, reply by reply. A reply whose objects cannot be pulled becomes an error reply,
+    as in Flower. Any other grid (the simulation's, whose replies live in this very process) pulls as it does.
+    """
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid) or not message_ids:
+        yield from grid.pull_messages(message_ids)
+        return
+    from flwr.app.error import Error as FlowerError
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+    from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, inflate_object_from_contents, pull_objects
+
+    run_id = grid.run.run_id
+    client = grid._runtime_client  # Flower's own client of the SuperLink's ServerAppIo API
+    response = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
+    pairs = list(zip(response.messages_list, response.message_object_trees, strict=True))
+    del response
+    while pairs:
+        proto, tree = pairs.pop(0)
+        message_id = proto.metadata.message_id
+        try:
+            contents = pull_objects(
+                object_ids=[t.object_id for t in iterate_object_tree(tree)],
+                pull_object_fn=make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node,
+                                                            run_id=run_id))
+        except ObjectPullError as exc:
+            metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                                dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
+                                reply_to_message_id=proto.metadata.reply_to_message_id, created_at=time.time())
+            yield make_message(metadata, None, FlowerError(
+                code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"Reply message objects are unavailable: {exc}"))
+            continue
+        client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id,
+                                                                    message_object_id=message_id))
+        message = inflate_object_from_contents(message_id, contents)
+        del contents
+        assert isinstance(message, Message)
+        message.metadata.__dict__["_message_id"] = message_id
+        yield message
+        del message
 
 
 class _Exchange:
@@ -165,12 +219,11 @@ class _Exchange:
     def __init__(self, inner: Grid, outgoing: dict[int, Message], policy: RoundPolicy, *, timeout: float | None,
                  poll_interval: float, node_check_interval: float,
                  before_resend: Callable[[list[Message]], None] | None = None,
-                 on_failure: Callable[[int], None] | None = None, pull_batch: int | None = None) -> None:
+                 on_failure: Callable[[int], None] | None = None, one_at_a_time: bool = False) -> None:
         self.inner = inner
         self.before_resend = before_resend
         self.on_failure = on_failure
-        self.pull_batch = pull_batch
-        self._turn = 0  # where the next turn of pulls starts (pull_batch)
+        self.one_at_a_time = one_at_a_time
         self.outgoing = outgoing
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -267,29 +320,21 @@ class _Exchange:
         if self.queued:
             self.send([self.queued.pop(0)])
 
-    def _wanted(self) -> list[str]:
-        """The replies to ask for in this pull: all in flight, or the next `pull_batch` of them in turn, so that a
-        slow institution does not keep the others' replies waiting."""
-        ids = sorted(self.pending)
-        if not self.pull_batch or not ids:
-            return ids
-        start = self._turn % len(ids)
-        wanted = (ids[start:] + ids[:start])[: self.pull_batch]
-        self._turn = start + len(wanted)
-        return wanted
-
     def replies(self) -> Iterator[Message]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         next_node_check = 0.0
-        self._turn = 0
-        unanswered = 0  # ids asked for since the last reply arrived: a whole turn of them empty means wait
         while not self._settled():
             past_deadline = deadline is not None and time.monotonic() >= deadline
-            wanted = self._wanted()
-            arrived = list(self.inner.pull_messages(wanted)) if wanted else []
-            unanswered = 0 if arrived else unanswered + len(wanted)
-            while arrived:
-                message = arrived.pop(0)  # not held here once the strategy has consumed it
+            wanted = sorted(self.pending)
+            if not wanted:
+                arrived: Iterator[Message] = iter(())
+            elif self.one_at_a_time:
+                arrived = _pull_one_at_a_time(self.inner, wanted)
+            else:
+                arrived = iter(list(self.inner.pull_messages(wanted)))
+            pulled = 0
+            for message in arrived:
+                pulled += 1
                 message_id = message.metadata.reply_to_message_id
                 self.pending.discard(message_id)
                 node = self.destination.get(message_id)
@@ -318,8 +363,7 @@ class _Exchange:
                     break
                 assert self.timeout is not None
                 deadline = time.monotonic() + self.timeout
-            if unanswered >= len(self.pending):  # a whole turn found nothing; after a reply, pull again at once
-                unanswered = 0
+            if not pulled:  # replies may be waiting still: pull again at once
                 time.sleep(self.poll_interval)
         limit = f" within {self.timeout:.0f} s" if self.timeout is not None else ""
         for node, message in self.outgoing.items():

@@ -257,23 +257,6 @@ def test_an_institution_that_failed_is_reported_and_its_resend_passes_the_hook()
     assert sent == [[1, 2], [2]]  # the first send, then the resend to the institution that failed
 
 
-def test_pull_batch_pulls_one_reply_at_a_time() -> None:
-    fake = FakeGrid({n: Node(["answer"]) for n in (1, 2, 3)})
-    asked: list[int] = []
-    pull = fake.pull_messages
-
-    def counting(ids: Iterable[str]) -> Iterable[Message]:
-        ids = list(ids)
-        asked.append(len(ids))
-        return pull(ids)
-
-    fake.pull_messages = counting  # type: ignore[method-assign]
-    grid = StreamingGrid(fake, poll_interval=0.001)  # type: ignore[arg-type]
-    grid.pull_batch = 1
-    replies = list(grid.send_and_receive(_instructions([1, 2, 3], MessageType.QUERY), timeout=30.0))
-    assert len(replies) == 3 and max(asked) == 1
-
-
 def _windowed(fake: FakeGrid, policy: RoundPolicy, window: int, *, timeout: float = 30.0) -> tuple[list[Message], list[int]]:
     """An exchange with `window` instructions in flight; also the number in flight after each push."""
     in_flight: list[int] = []
@@ -341,27 +324,78 @@ def test_an_instruction_the_superlink_refuses_does_not_hold_a_place_in_the_windo
     assert [r.metadata.src_node_id for r in missing] == [2]
 
 
-def test_one_reply_at_a_time_in_turn_so_a_silent_institution_keeps_no_reply_waiting() -> None:
-    # CKKS rounds pull one reply per request (the coordinator then holds one update besides its sum), going round
-    # the institutions in flight: the replies of those that answered are pulled while one stays silent.
-    fake = FakeGrid({1: Node(["lose"]), 2: Node(["answer"]), 3: Node(["answer"]), 4: Node(["answer"]),
-                     5: Node(["answer"])})
-    asked: list[int] = []
-    pull = fake.pull_messages
 
-    def counted(ids: Iterable[str]) -> Iterable[Message]:
-        ids = list(ids)
-        asked.append(len(ids))
-        return pull(ids)
+class _SuperLinkApi:
+    """The SuperLink's ServerAppIo calls that a pull makes, over replies that are all in: each PullObject is
+    logged, so that a test sees which reply's content was pulled before which reply was handed on."""
 
-    fake.pull_messages = counted  # type: ignore[method-assign]
-    grid = StreamingGrid(fake, policy=RoundPolicy(min_replies=4, retries=0), poll_interval=0.001,  # type: ignore[arg-type]
-                         node_check_interval=0.0)
-    grid.pull_batch = 1
-    pulls_when_answered: dict[int, int] = {}
-    for reply in grid.send_and_receive(_instructions(sorted(fake.nodes)), timeout=0.2):
-        if not reply.has_error():
-            pulls_when_answered[reply.metadata.src_node_id] = len(asked)
-    assert sorted(pulls_when_answered) == [2, 3, 4, 5]
-    assert max(pulls_when_answered.values()) <= 2 * len(fake.nodes)  # within two turns, not at the deadline
-    assert set(asked) == {1}
+    def __init__(self, replies: list[Message]) -> None:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        self.replies = {m.metadata.reply_to_message_id: m for m in replies}
+        self.objects = {oid: obj.deflate() for m in replies for oid, obj in get_all_nested_objects(m).items()}
+        self.owner = {oid: m.metadata.reply_to_message_id for m in replies for oid in get_all_nested_objects(m)}
+        self.log: list[str] = []
+        self.confirmed: list[str] = []
+
+    def PullMessages(self, request):  # type: ignore[no-untyped-def]
+        from flwr.common.serde import message_to_proto
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+        from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+        found = [self.replies.pop(i) for i in request.message_ids if i in self.replies]
+        return PullAppMessagesResponse(messages_list=[message_to_proto(m) for m in found],
+                                       message_object_trees=[get_object_tree(m) for m in found])
+
+    def PullObject(self, request):  # type: ignore[no-untyped-def]
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.log.append(f"pull {self.owner[request.object_id]}")
+        return PullObjectResponse(object_found=True, object_available=True,
+                                  object_content=self.objects[request.object_id])
+
+    def ConfirmMessageReceived(self, request):  # type: ignore[no-untyped-def]
+        self.confirmed.append(request.message_object_id)
+
+
+def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -> None:
+    # Flower's HttpGrid.pull_messages pulls and inflates every reply that is in before returning any: with N
+    # institutions answering at once the coordinator would hold N encrypted updates. fedqf's pull hands each on
+    # before it pulls the next one's content.
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from flwr.proto.node_pb2 import Node as NodeProto
+    from flwr.supercore.run import Run
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedqf.stream import _pull_one_at_a_time
+
+    replies = []
+    for k in range(3):
+        metadata = Metadata(run_id=7, message_id="", src_node_id=k + 1, dst_node_id=0, reply_to_message_id=f"i{k}",
+                            group_id="1", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(1000, k, dtype=np.float32))})})
+        reply = make_message(metadata, content)
+        reply.metadata.__dict__["_message_id"] = reply.object_id  # as a SuperNode's push sets it
+        replies.append(reply)
+    api = _SuperLinkApi(replies)
+
+    class Deployed(HttpGrid):
+        @property
+        def _runtime_client(self):  # type: ignore[no-untyped-def, override]
+            return api
+
+    grid = object.__new__(Deployed)  # no connection: the API above answers
+    grid._run = Run.create_empty(run_id=7)
+    grid.node = NodeProto(node_id=1)
+    seen = []
+    for message in _pull_one_at_a_time(grid, ["i0", "i1", "i2", "i9"]):  # i9: not in yet
+        api.log.append(f"handed on {message.metadata.reply_to_message_id}")
+        seen.append(float(message.content["arrays"]["w"].numpy()[0]))
+    assert seen == [0.0, 1.0, 2.0]
+    handed = [entry for entry in api.log if entry.startswith("handed")]
+    assert handed == ["handed on i0", "handed on i1", "handed on i2"]
+    for k in range(1, 3):  # nothing of reply k is pulled before reply k - 1 was handed on
+        first_pull = api.log.index(f"pull i{k}")
+        assert api.log.index(f"handed on i{k - 1}") < first_pull
+    assert len(api.confirmed) == 3
