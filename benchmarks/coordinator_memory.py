@@ -3,7 +3,7 @@
 In a simulation the ServerApp shares its process with Flower's simulation engine; in a deployment it is a process of
 its own (`flwr-serverapp`) beside the SuperLink, which together are the coordinator. This starts a deployment-mode
 `flower-superlink` (insecure, loopback, its state in SQLite as fedqf deploys it) and one `flower-supernode` per
-institution, and runs benchmarks/coordinator_memory_app.py: fedqf's own streaming grid and aggregation over
+institution (`--database memory`: Flower's in-memory state instead), and runs benchmarks/coordinator_memory_app.py: fedqf's own streaming grid and aggregation over
 `--rounds` rounds of packed, encrypted updates of `--params` parameters (large_model's CKKS parameters and 4-bit
 packing, headroom for `--headroom` institutions, so that every count sends updates of the same size).
 
@@ -51,7 +51,7 @@ MANIFEST = app_manifest(
 
 
 def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float,
-        round_timeout: float) -> dict[str, object]:
+        round_timeout: float, database: str = "sqlite") -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     secret_path, public_path, result_path = work / "secret.ctx", work / "public.ctx", work / "result.json"
     secret = generate_context(LARGE_MODEL)
@@ -64,7 +64,7 @@ def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: in
     started = time.perf_counter()
     with MemorySampler(PATTERNS) as sampler:
         try:
-            superlink = start_superlink(work, env=APP_PATH, database="sqlite")
+            superlink = start_superlink(work, env=APP_PATH, database=database)
             supernodes += start_insecure_supernodes(
                 work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
             lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds before the institutions that "
                         "have not answered are asked again (a SuperNode's push can fail under load)")
+    parser.add_argument("--database", default="sqlite", choices=("sqlite", "memory"),
+                        help="SuperLink state: a SQLite file (as fedqf deploys it) or Flower's in-memory state")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-coordinator-memory-"))).resolve()
@@ -114,7 +116,8 @@ def main() -> None:
     for count in args.institutions:
         print(f"{count} institutions ...", flush=True)
         results[str(count)] = run(out / f"k{count}", institutions=count, params=args.params, headroom=headroom,
-                                  rounds=args.rounds, timeout=args.timeout, round_timeout=args.round_timeout)
+                                  rounds=args.rounds, timeout=args.timeout, round_timeout=args.round_timeout,
+                                  database=args.database)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     mib = 1024.0
     print("| institutions | one update MiB | ServerApp peak above round start MiB, each round | peak / update, "
