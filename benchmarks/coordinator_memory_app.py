@@ -156,6 +156,7 @@ def _main(grid: Grid, context: Context) -> None:
                                f"{[r.reason for r in outcome.reports if r.reason][:3]}")
         summed = time.perf_counter()
         after_sum = _status_kib()
+        traced_to_sum = tracemalloc.get_traced_memory()[1] - traced_base  # the peak while pulling and adding
         update_bytes = max(int(r.metrics["update-bytes"]) for r in outcome.reports)
         aggregate = outcome.arrays
         del outcome
@@ -178,7 +179,7 @@ def _main(grid: Grid, context: Context) -> None:
         rounds.append({
             "round": server_round, "baseline_rss_kib": before["VmRSS"], "baseline_anon_kib": before["RssAnon"],
             "peak_to_sum_kib": after_sum["VmHWM"] - before["VmRSS"], "peak_kib": after["VmHWM"] - before["VmRSS"],
-            "python_peak_kib": traced_peak / 1024,
+            "python_peak_kib": traced_peak / 1024, "python_peak_to_sum_kib": traced_to_sum / 1024,
             "collect_and_sum_seconds": summed - started, "round_seconds": time.perf_counter() - started,
             "mismatches": mismatches, "undelivered": undelivered, "monotonic_start": since, "monotonic_end": time.monotonic(),
         })
