@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +29,12 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from deployment_round_time import start_insecure_supernodes
-from large_update import start_superlink
-from secure_aggregation import APP_PATH, MemorySampler, machine
+from large_update import deploy_and_run, write_keys
+from secure_aggregation import machine
 
-from fedqf.crypto import CkksParameters, generate_context, serialize_private_context, serialize_public_context
+from fedqf.crypto import CkksParameters
 from fedqf.errors import FederationError
-from fedqf.runtime import SuperLink, app_manifest, stop_process_group, submit_run
+from fedqf.runtime import app_manifest
 
 LARGE_MODEL = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=21)
 PATTERNS = ("flower-superlink", "flwr-serverapp", "flower-supernode", "flwr-clientapp")
@@ -53,30 +51,14 @@ MANIFEST = app_manifest(
 def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float,
         round_timeout: float, database: str = "sqlite") -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
-    secret_path, public_path, result_path = work / "secret.ctx", work / "public.ctx", work / "result.json"
-    secret = generate_context(LARGE_MODEL)
-    secret_path.write_bytes(serialize_private_context(secret))
-    secret_path.chmod(0o600)
-    public_path.write_bytes(serialize_public_context(secret))
-    del secret
-    superlink: SuperLink | None = None
-    supernodes: list[subprocess.Popen[bytes]] = []
+    secret_path, public_path = write_keys(work, LARGE_MODEL)
+    result_path = work / "result.json"
     started = time.perf_counter()
-    with MemorySampler(PATTERNS) as sampler:
-        try:
-            superlink = start_superlink(work, env=APP_PATH, database=database)
-            supernodes += start_insecure_supernodes(
-                work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
-            lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
-                "bench-params": params, "bench-institutions": institutions, "bench-headroom": headroom,
-                "bench-rounds": rounds, "bench-round-timeout": round_timeout, "bench-secret-context": str(secret_path),
-                "bench-public-context": str(public_path), "bench-out": str(result_path)})
-            (work / "flwr-run.log").write_text("\n".join(lines) + "\n")
-        finally:
-            for process in supernodes:
-                stop_process_group(process)
-            if superlink is not None:
-                superlink.stop()
+    sampler = deploy_and_run(work, institutions=institutions, manifest=MANIFEST, timeout=timeout, database=database,
+                             patterns=PATTERNS, run_config={
+        "bench-params": params, "bench-institutions": institutions, "bench-headroom": headroom,
+        "bench-rounds": rounds, "bench-round-timeout": round_timeout, "bench-secret-context": str(secret_path),
+        "bench-public-context": str(public_path), "bench-out": str(result_path)})
     if not result_path.exists():
         tail = (work / "flwr-run.log").read_text()[-3000:] if (work / "flwr-run.log").exists() else ""
         raise FederationError(f"the coordinator-memory run wrote no result (see {work}):\n{tail}")

@@ -97,36 +97,51 @@ def start_superlink(work: Path, *, env: dict[str, str], database: str) -> SuperL
     raise FederationError("the SuperLink did not answer within 60 s")
 
 
-def run(work: Path, *, params: int, block: int, institutions: int, headroom: int, bits: int, scale_bits: int,
-        timeout: float, database: str) -> dict[str, object]:
-    work.mkdir(parents=True, exist_ok=True)
+def write_keys(work: Path, ckks: CkksParameters) -> tuple[Path, Path]:
+    """A fresh key pair for a benchmark federation: the secret context (mode 0600) and the public one."""
     secret_path, public_path = work / "secret.ctx", work / "public.ctx"
-    ckks = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=scale_bits)
     secret = generate_context(ckks)
     secret_path.write_bytes(serialize_private_context(secret))
     os.chmod(secret_path, 0o600)
     public_path.write_bytes(serialize_public_context(secret))
-    del secret
-    result_path, trace_path = work / "result.json", work / "trace.jsonl"
+    return secret_path, public_path
+
+
+def deploy_and_run(work: Path, *, institutions: int, manifest: str, run_config: dict[str, str | int | float],
+                   timeout: float, database: str, patterns: tuple[str, ...] = PATTERNS) -> MemorySampler:
+    """A deployment-mode SuperLink and `institutions` SuperNodes on loopback, one `flwr run` of the app `manifest`
+    names, everything stopped after; the memory of every process matching `patterns`, sampled throughout. The
+    run's streamed log is `work/flwr-run.log`."""
     superlink: SuperLink | None = None
     supernodes: list[subprocess.Popen[bytes]] = []
-    started = time.perf_counter()
-    with MemorySampler(PATTERNS) as sampler:
+    with MemorySampler(patterns) as sampler:
         try:
             superlink = start_superlink(work, env=APP_PATH, database=database)
             supernodes += start_insecure_supernodes(
                 work, superlink.address, [f"partition-id={k}" for k in range(institutions)], env=APP_PATH)
-            lines = submit_run(superlink, work / "app", manifest=MANIFEST, timeout=timeout, run_config={
-                "bench-params": params, "bench-block": block, "bench-institutions": institutions,
-                "bench-headroom": headroom, "bench-bits": bits, "bench-secret-context": str(secret_path),
-                "bench-public-context": str(public_path), "bench-out": str(result_path),
-                "bench-trace": str(trace_path)})
+            lines = submit_run(superlink, work / "app", manifest=manifest, timeout=timeout,
+                               run_config=run_config)  # type: ignore[arg-type]
             (work / "flwr-run.log").write_text("\n".join(lines) + "\n")
         finally:
             for process in supernodes:
                 stop_process_group(process)
             if superlink is not None:
                 superlink.stop()
+    return sampler
+
+
+def run(work: Path, *, params: int, block: int, institutions: int, headroom: int, bits: int, scale_bits: int,
+        timeout: float, database: str) -> dict[str, object]:
+    work.mkdir(parents=True, exist_ok=True)
+    ckks = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=scale_bits)
+    secret_path, public_path = write_keys(work, ckks)
+    result_path, trace_path = work / "result.json", work / "trace.jsonl"
+    started = time.perf_counter()
+    sampler = deploy_and_run(work, institutions=institutions, manifest=MANIFEST, timeout=timeout, database=database,
+                             run_config={
+        "bench-params": params, "bench-block": block, "bench-institutions": institutions,
+        "bench-headroom": headroom, "bench-bits": bits, "bench-secret-context": str(secret_path),
+        "bench-public-context": str(public_path), "bench-out": str(result_path), "bench-trace": str(trace_path)})
     outer = time.perf_counter() - started
     if not result_path.exists():
         tail = (work / "flwr-run.log").read_text()[-3000:] if (work / "flwr-run.log").exists() else ""

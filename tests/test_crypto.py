@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from fedqf.crypto import (
 )
 from fedqf.errors import CryptoError, FederationError, UpdateRejectedError
 
+REPO = Path(__file__).resolve().parent.parent
 PARAMS = CkksParameters()
 # A smaller ring (2048 slots per chunk), to exercise chunking with few values; 109 bits, the 128-bit limit.
 SMALL = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=40)
@@ -62,6 +65,13 @@ def fed() -> Iterator[Federation]:
 @pytest.fixture(scope="module")
 def small() -> Iterator[Federation]:
     yield Federation(SMALL)
+
+
+def _python(code: str, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`code` run by a fresh interpreter that imports this checkout's fedqf; its output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def weighted_terms(rng: np.random.Generator, *, count: int, length: int, clip: float) -> list[np.ndarray]:
@@ -518,9 +528,6 @@ def test_the_running_sum_holds_one_polynomial_per_chunk(tmp_path: Path) -> None:
     # While updates arrive, the sum keeps their first polynomials added and their seeds: about one seeded update
     # of memory, where a sum of whole ciphertexts holds two polynomials per chunk. Measured in a fresh process,
     # freed memory given back first, on updates of 15 MiB so that the allocator's own slack does not count.
-    import subprocess
-    import sys
-
     code = ("import ctypes, numpy as np\n"
             "from fedqf.crypto import *\n"
             "params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60), global_scale_bits=21)\n"
@@ -535,9 +542,8 @@ def test_the_running_sum_holds_one_polynomial_per_chunk(tmp_path: Path) -> None:
             "for _ in range(4):\n"
             "    total.add(update)\n"
             "print((rss() - before) / update.nbytes)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = _python(code, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout) < 1.4, result.stdout
 
 
@@ -602,8 +608,6 @@ def test_a_sum_that_could_not_undo_a_rejected_update_refuses_to_be_used(
 def test_a_crypto_pool_worker_exits_when_its_process_is_killed(tmp_path: Path) -> None:
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     script = tmp_path / "owner.py"
@@ -619,7 +623,7 @@ def test_a_crypto_pool_worker_exits_when_its_process_is_killed(tmp_path: Path) -
         "    print(' '.join(str(p) for p in pool._executor._processes), flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no shutdown: as a daemon killed with -9\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     pids = tmp_path / "pids"
     with pids.open("w") as out:  # a file, not a pipe: nothing of the test's may end a worker for it
         subprocess.run([sys.executable, str(script)], check=False, stdout=out, stderr=subprocess.DEVNULL, env=env,
@@ -648,18 +652,13 @@ def test_a_crypto_pool_worker_exits_when_its_process_is_killed(tmp_path: Path) -
 def test_a_crypto_pool_worker_that_starts_after_its_owner_died_exits() -> None:
     # A worker spawned just before its owner was killed runs its start seconds later (imports), when it already
     # has another parent: it knows its owner by the PID the owner gave it, so it exits, secret key and all.
-    import subprocess
-    import sys
-
     code = ("import time\n"
             "from fedqf.crypto import CkksParameters, _pool_start, generate_context, serialize_private_context\n"
             "params = CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), global_scale_bits=40)\n"
             "_pool_start(serialize_private_context(generate_context(params)), 1)  # owner: not this parent\n"
             "time.sleep(30)\n"
             "print('outlived its owner')\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
-                            timeout=60)
+    result = _python(code, timeout=60)
     # os._exit(1) from the watch: no traceback (an exception would also exit with 1), nothing printed after
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr[-2000:]
 
