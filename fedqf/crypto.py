@@ -551,22 +551,27 @@ def _inflated(mode: int, body: bytes | memoryview, limit: int) -> bytes | memory
     Raises:
         ValueError: another mode, or a body that does not decompress within ``limit`` bytes.
     """
-    if mode == 0:
-        out: bytes | memoryview = body
-    elif mode == 1:
-        import zlib
+    import zlib
 
-        inflater = zlib.decompressobj()
-        out = inflater.decompress(body, limit + 1)
-        if not inflater.eof:
-            raise ValueError("the zlib stream is cut short or longer than expected")
-    elif mode == 2:
-        import zstandard
+    import zstandard
 
-        with zstandard.ZstdDecompressor().stream_reader(bytes(body)) as reader:
-            out = reader.read(limit + 1)
-    else:
-        raise ValueError(f"compression mode {mode}, expected none, zlib or zstd")
+    try:
+        if mode == 0:
+            out: bytes | memoryview = body
+        elif mode == 1:
+            inflater = zlib.decompressobj()
+            out = inflater.decompress(body, limit + 1)
+            if not inflater.eof:
+                raise ValueError("the zlib stream is cut short or longer than expected")
+        elif mode == 2:
+            # the window a frame may ask for is bounded too: SEAL's own frames need less than the body's size
+            window = max(1 << 20, 1 << (limit - 1).bit_length())
+            with zstandard.ZstdDecompressor(max_window_size=window).stream_reader(bytes(body)) as reader:
+                out = reader.read(limit + 1)
+        else:
+            raise ValueError(f"compression mode {mode}, expected none, zlib or zstd")
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise ValueError(f"the body does not decompress ({exc})") from exc
     if len(out) > limit:
         raise ValueError(f"more than {limit} bytes once decompressed")
     return out
@@ -626,6 +631,8 @@ def _vector_fields(data: memoryview) -> tuple[list[int], list[memoryview], list[
     scales: list[float] = []
     pos = 0
     while pos < len(data):
+        if len(sizes) > 1 or len(ciphertexts) > 1 or len(scales) > 1:
+            raise ValueError("a field is repeated")
         tag, pos = _read_varint(data, pos)
         field_number, wire = tag >> 3, tag & 7
         if wire == 2:
@@ -675,7 +682,10 @@ def _read_chunk(seal: _Seal, index: int, data: bytes, values: int) -> _ReadChunk
     array = _SEAL_HEADER.size + 8  # a DynArray's header and count, then its words
     seeded = _CT_MEMBERS.size + array + 8 * seal.words + _SEAL_HEADER.size + _SEED_BYTES
     full = _CT_MEMBERS.size + array + 16 * seal.words
+    most = full + 2 * _SEAL_HEADER.size + 64  # a whole ciphertext, uncompressed, and TenSEAL's few fields
     try:
+        if len(data) > most:
+            raise ValueError(f"{len(data)} bytes, more than the {most} a ciphertext of this key takes")
         sizes, ciphertexts, scales = _vector_fields(memoryview(data))
         if len(ciphertexts) != 1:
             raise UpdateRejectedError(f"chunk {index} holds {len(ciphertexts)} ciphertexts, expected 1")
@@ -1075,7 +1085,8 @@ class EncryptedSum:
         added: list[int] = []
         try:
             for index, (data, n) in enumerate(zip(update.chunks, self._chunk_lengths)):
-                self._accumulate(index, _read_chunk(self._seal, index, data, n), undo=False)
+                chunk = _read_chunk(self._seal, index, data, n)
+                self._accumulate(index, chunk, undo=False)
                 added.append(index)
         except BaseException:
             try:
@@ -1089,25 +1100,32 @@ class EncryptedSum:
         self._count += 1
 
     def _accumulate(self, index: int, chunk: _ReadChunk, *, undo: bool) -> None:
-        self._first[index] = self._added(self._first[index], chunk.first, undo)
-        if chunk.second is not None:
-            self._second[index] = self._added(self._second[index], chunk.second, undo)
+        """Add (or undo) one chunk. Everything that allocates, and so could fail, comes before the sum changes:
+        the in-place additions that follow cannot fail halfway."""
+        if self._scratch is None:
+            self._scratch = np.empty_like(chunk.first)
+        if self._first[index] is None:
+            self._first[index] = np.zeros_like(chunk.first)
+        if chunk.second is not None and self._second[index] is None:
+            self._second[index] = np.zeros_like(chunk.second)
+        first = self._modulus - chunk.first if undo else chunk.first
+        second = None if chunk.second is None else self._modulus - chunk.second if undo else chunk.second
+        if second is None and not undo:
+            self._seeds[index] += chunk.seed
+        self._add(self._first[index], first)  # type: ignore[arg-type]
+        if second is not None:
+            self._add(self._second[index], second)  # type: ignore[arg-type]
         elif undo:
             del self._seeds[index][-_SEED_BYTES:]  # the last seed of a chunk is the update's being undone
-        else:
-            self._seeds[index] += chunk.seed
 
-    def _added(self, total: NDArray[np.uint64] | None, poly: NDArray[np.uint64], undo: bool) -> NDArray[np.uint64]:
-        """total + poly (or total - poly) modulo each prime, in place: residues are below 2^60, so their sum does
-        not overflow, and where it is below q, sum - q wraps above it and the minimum keeps the sum."""
-        if total is None:
-            total = np.zeros_like(poly)
-        if self._scratch is None:
-            self._scratch = np.empty_like(poly)
-        np.add(total, self._modulus - poly if undo else poly, out=total)
+    def _add(self, total: NDArray[np.uint64], poly: NDArray[np.uint64]) -> None:
+        """total <- total + poly modulo each prime, in place: residues are below 2^60, so their sum does not
+        overflow, and where it is below q, sum - q wraps above it and the minimum keeps the sum. (Subtracting p is
+        adding q - p.)"""
+        assert self._scratch is not None
+        np.add(total, poly, out=total)
         np.subtract(total, self._modulus, out=self._scratch)
         np.minimum(total, self._scratch, out=total)
-        return total
 
     def _check_open(self) -> None:
         if self._broken:

@@ -201,6 +201,8 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
         data = array.data
         if sizes is None:
             chunks.append(data)
+            if release:
+                del record[key]
             continue
         start = 0
         while start < len(data):

@@ -175,6 +175,7 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
     if not isinstance(grid, HttpGrid) or not message_ids:
         yield from grid.pull_messages(message_ids)
         return
+    import httpx
     from flwr.app.error import Error as FlowerError
     from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest
@@ -185,32 +186,53 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
 
     run_id = grid.run.run_id
     client = grid._runtime_client  # Flower's own client of the SuperLink's ServerAppIo API
-    response = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
-    pairs = list(zip(response.messages_list, response.message_object_trees, strict=True))
-    del response
-    while pairs:
-        proto, tree = pairs.pop(0)
-        message_id = proto.metadata.message_id
-        try:
-            contents = pull_objects(
-                object_ids=[t.object_id for t in iterate_object_tree(tree)],
-                pull_object_fn=make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node,
-                                                            run_id=run_id))
-        except ObjectPullError as exc:
-            metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
-                                dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
-                                reply_to_message_id=proto.metadata.reply_to_message_id, created_at=time.time())
-            yield make_message(metadata, None, FlowerError(
-                code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"Reply message objects are unavailable: {exc}"))
-            continue
+
+    def confirm(message_id: str) -> None:  # the SuperLink may free the reply's objects
         client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id,
                                                                     message_object_id=message_id))
-        message = inflate_object_from_contents(message_id, contents)
-        del contents
-        assert isinstance(message, Message)
-        message.metadata.__dict__["_message_id"] = message_id
-        yield message
-        del message
+
+    try:
+        response = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
+    except httpx.HTTPStatusError as exc:  # as Flower's pull: a reply list too large is logged, not raised
+        if exc.response.status_code != httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+            raise
+        log(WARNING, "fedqf: the SuperLink's list of replies was too large to pull; pulling again")
+        return
+    pairs = list(zip(response.messages_list, response.message_object_trees, strict=True))
+    del response
+    try:
+        while pairs:
+            proto, tree = pairs.pop(0)
+            message_id = proto.metadata.message_id
+            try:
+                contents = pull_objects(
+                    object_ids=[t.object_id for t in iterate_object_tree(tree)],
+                    pull_object_fn=make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject,
+                                                                node=grid.node, run_id=run_id))
+            except ObjectPullError as exc:
+                metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                                    dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="",
+                                    ttl=0, reply_to_message_id=proto.metadata.reply_to_message_id,
+                                    created_at=time.time())
+                yield make_message(metadata, None, FlowerError(
+                    code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"Reply message objects are unavailable: {exc}"))
+                continue
+            confirm(message_id)
+            message = inflate_object_from_contents(message_id, contents)
+            del contents
+            assert isinstance(message, Message)
+            message.metadata.__dict__["_message_id"] = message_id
+            yield message
+            del message
+    finally:
+        # Stopped early (the round failed): the SuperLink took these replies off its list with PullMessages, so
+        # they cannot be asked for again; confirming them lets it free their objects rather than keep them for
+        # the rest of the run.
+        for proto, _ in pairs:
+            try:
+                confirm(proto.metadata.message_id)
+            except (httpx.HTTPError, OSError) as exc:  # the round is failing already; this must not hide why
+                log(WARNING, "fedqf: could not release a reply at the SuperLink: %s", exc)
 
 
 class _Exchange:

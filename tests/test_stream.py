@@ -399,3 +399,14 @@ def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -
         first_pull = api.log.index(f"pull i{k}")
         assert api.log.index(f"handed on i{k - 1}") < first_pull
     assert len(api.confirmed) == 3
+
+    # A round that fails after the first reply: the replies the SuperLink handed over but nobody pulled are
+    # confirmed all the same, so that their objects do not stay in its store for the rest of the run.
+    api.replies = {m.metadata.reply_to_message_id: m for m in replies}
+    api.confirmed.clear()
+    before = len(api.log)
+    pulls = _pull_one_at_a_time(grid, ["i0", "i1", "i2"])
+    next(pulls)
+    pulls.close()
+    assert len(api.confirmed) == 3
+    assert [entry for entry in api.log[before:] if entry in ("pull i1", "pull i2")] == []  # confirmed, not pulled
