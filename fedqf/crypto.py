@@ -22,6 +22,7 @@ import os
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 import tenseal as ts
+import zstandard
 from numpy.typing import NDArray
 from tenseal import sealapi
 
@@ -551,10 +553,6 @@ def _inflated(mode: int, body: bytes | memoryview, limit: int) -> bytes | memory
     Raises:
         ValueError: another mode, or a body that does not decompress within ``limit`` bytes.
     """
-    import zlib
-
-    import zstandard
-
     try:
         if mode == 0:
             out: bytes | memoryview = body
@@ -566,7 +564,7 @@ def _inflated(mode: int, body: bytes | memoryview, limit: int) -> bytes | memory
         elif mode == 2:
             # the window a frame may ask for is bounded too: SEAL's own frames need less than the body's size
             window = max(1 << 20, 1 << (limit - 1).bit_length())
-            with zstandard.ZstdDecompressor(max_window_size=window).stream_reader(bytes(body)) as reader:
+            with zstandard.ZstdDecompressor(max_window_size=window).stream_reader(body) as reader:
                 out = reader.read(limit + 1)
         else:
             raise ValueError(f"compression mode {mode}, expected none, zlib or zstd")
@@ -718,15 +716,13 @@ def _read_chunk(seal: _Seal, index: int, data: bytes, values: int) -> _ReadChunk
 
 
 def _dynarray_words(data: bytes | memoryview, polys: int, words: int) -> NDArray[np.uint64]:
-    """The ``polys * words`` words of a serialized, uncompressed DynArray at the start of ``data``."""
-    count_at = _SEAL_HEADER.size
-    size = count_at + 8 + 8 * polys * words
-    magic, header, major, _minor, mode, reserved, declared = _SEAL_HEADER.unpack_from(data, 0)
-    (count,) = struct.unpack_from("<Q", data, count_at)
-    if (magic != _SEAL_MAGIC or header != _SEAL_HEADER.size or major != 4 or mode != 0 or reserved != 0
-            or declared != size or count != polys * words):
+    """The ``polys * words`` words of a serialized DynArray (a SEAL object: its count, then the words) at the start
+    of ``data``."""
+    count = polys * words
+    body = _seal_object(data[: _SEAL_HEADER.size + 8 + 8 * count], 8 + 8 * count)
+    if len(body) != 8 + 8 * count or struct.unpack_from("<Q", body, 0)[0] != count:
         raise ValueError(f"its polynomials are not {polys} of {words} words")
-    return np.frombuffer(data, dtype="<u8", count=count, offset=count_at + 8).astype(np.uint64, copy=False)
+    return np.frombuffer(body, dtype="<u8", count=count, offset=8).astype(np.uint64, copy=False)
 
 
 def _seal(ctx: ts.Context) -> _Seal:
@@ -1104,17 +1100,20 @@ class EncryptedSum:
         the in-place additions that follow cannot fail halfway."""
         if self._scratch is None:
             self._scratch = np.empty_like(chunk.first)
-        if self._first[index] is None:
-            self._first[index] = np.zeros_like(chunk.first)
-        if chunk.second is not None and self._second[index] is None:
-            self._second[index] = np.zeros_like(chunk.second)
+        first_sum = self._first[index]
+        if first_sum is None:
+            first_sum = self._first[index] = np.zeros_like(chunk.first)
+        second_sum = self._second[index]
+        if chunk.second is not None and second_sum is None:
+            second_sum = self._second[index] = np.zeros_like(chunk.second)
         first = self._modulus - chunk.first if undo else chunk.first
         second = None if chunk.second is None else self._modulus - chunk.second if undo else chunk.second
         if second is None and not undo:
             self._seeds[index] += chunk.seed
-        self._add(self._first[index], first)  # type: ignore[arg-type]
+        self._add(first_sum, first)
         if second is not None:
-            self._add(self._second[index], second)  # type: ignore[arg-type]
+            assert second_sum is not None
+            self._add(second_sum, second)
         elif undo:
             del self._seeds[index][-_SEED_BYTES:]  # the last seed of a chunk is the update's being undone
 

@@ -201,18 +201,16 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
         data = array.data
         if sizes is None:
             chunks.append(data)
-            if release:
-                del record[key]
-            continue
-        start = 0
-        while start < len(data):
-            if cursor >= len(sizes) or start + sizes[cursor] > len(data):
-                raise UpdateRejectedError(f"'{CHUNK_SIZES}' does not cut '{key}' into whole ciphertexts")
-            chunks.append(data[start : start + sizes[cursor]])
-            start += sizes[cursor]
-            cursor += 1
-        if start == 0:
-            raise UpdateRejectedError(f"chunk '{key}' is empty")
+        else:
+            start = 0
+            while start < len(data):
+                if cursor >= len(sizes) or start + sizes[cursor] > len(data):
+                    raise UpdateRejectedError(f"'{CHUNK_SIZES}' does not cut '{key}' into whole ciphertexts")
+                chunks.append(data[start : start + sizes[cursor]])
+                start += sizes[cursor]
+                cursor += 1
+            if start == 0:
+                raise UpdateRejectedError(f"chunk '{key}' is empty")
         if release:
             del record[key], array, data
     if sizes is not None and cursor != len(sizes):
