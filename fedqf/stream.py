@@ -139,7 +139,7 @@ class StreamingGrid(Grid):
         return self._inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
+        return _push(self._inner, messages) if self.one_at_a_time else self._inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._inner.pull_messages(message_ids)
@@ -157,6 +157,69 @@ class StreamingGrid(Grid):
             nodes, exchange.queued = nodes[: self.window], nodes[self.window :]
         exchange.send(nodes)
         return exchange.replies()
+
+
+PUSH_BATCH = 4  # objects serialized ahead of their push, at most
+
+
+def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
+    """Push `messages`, as Flower's deployment grid (`HttpGrid.push_messages`) does, serializing their objects only
+    a few at a time.
+
+    Flower's push serializes (deflates) every object of the messages before the first one is on its way: it hands
+    them all to its thread pool at once. The coordinator sending the aggregate back would hold it twice, as
+    Arrays and as their serialized copies. This sends the same requests (PushMessages, then PushObject for each
+    object the SuperLink asks for, in Flower's order, with Flower's own `push_objects`), `PUSH_BATCH` objects
+    at a time. Any other grid pushes as it does.
+    """
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid):
+        return list(grid.push_messages(messages))
+    import httpx
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.runtime_pb2 import PushAppMessagesRequest
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        no_object_id_recompute,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import push_objects
+
+    messages = list(messages)
+    if not messages:
+        return []
+    run_id = grid.run.run_id
+    client = grid._runtime_client  # Flower's own client of the SuperLink's ServerAppIo API
+    try:
+        with no_object_id_recompute():
+            protos, trees = [], []
+            objects: dict[str, Any] = {}
+            for message in messages:
+                message.metadata.__dict__["_message_id"] = message.object_id
+                grid._check_message(message)
+                protos.append(message_to_proto(remove_content_from_message(message)))
+                objects.update(get_all_nested_objects(message))
+                trees.append(get_object_tree(message))
+            response = client.PushMessages(PushAppMessagesRequest(messages_list=protos, message_object_trees=trees))
+            push_object = make_push_object_fn_protobuf(push_object_protobuf=client.PushObject, node=grid.node,
+                                                       run_id=run_id, session_id=response.session_id)
+            wanted = set(response.objects_to_push)
+            batch: dict[str, Any] = {}
+            for object_id in [i for i in objects if i in wanted]:
+                batch[object_id] = objects.pop(object_id)
+                if len(batch) == PUSH_BATCH:
+                    push_objects(batch, push_object_fn=push_object)  # empties the batch
+            if batch:
+                push_objects(batch, push_object_fn=push_object)
+    except httpx.HTTPStatusError as exc:  # as Flower's push: a request too large is logged, nothing is pushed
+        if exc.response.status_code != httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+            raise
+        log(WARNING, "fedqf: the messages were too large for the SuperLink; none was pushed")
+        return []
+    return list(response.message_ids)
 
 
 def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]:
@@ -182,10 +245,16 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
     from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
     from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
     from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, inflate_object_from_contents, pull_objects
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_objects
 
     run_id = grid.run.run_id
     client = grid._runtime_client  # Flower's own client of the SuperLink's ServerAppIo API
+
+    def _error_reply(reply_to: str, reason: str) -> Message:  # as Flower's pull makes one
+        metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
+                            dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
+                            reply_to_message_id=reply_to, created_at=time.time())
+        return make_message(metadata, None, FlowerError(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=reason))
 
     def confirm(message_id: str) -> None:  # the SuperLink may free the reply's objects
         client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(node=grid.node, run_id=run_id,
@@ -210,17 +279,18 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
                     pull_object_fn=make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject,
                                                                 node=grid.node, run_id=run_id))
             except ObjectPullError as exc:
-                metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
-                                    dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="",
-                                    ttl=0, reply_to_message_id=proto.metadata.reply_to_message_id,
-                                    created_at=time.time())
-                yield make_message(metadata, None, FlowerError(
-                    code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"Reply message objects are unavailable: {exc}"))
+                yield _error_reply(proto.metadata.reply_to_message_id,
+                                   f"Reply message objects are unavailable: {exc}")
                 continue
             confirm(message_id)
-            message = inflate_object_from_contents(message_id, contents)
-            del contents
-            assert isinstance(message, Message)
+            try:
+                message = _inflated_reply(message_id, contents)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:  # objects the SuperLink took, not a message
+                yield _error_reply(proto.metadata.reply_to_message_id,
+                                   f"Reply message objects do not inflate: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                del contents
             message.metadata.__dict__["_message_id"] = message_id
             yield message
             del message
@@ -233,6 +303,50 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
                 confirm(proto.metadata.message_id)
             except (httpx.HTTPError, OSError) as exc:  # the round is failing already; this must not hide why
                 log(WARNING, "fedqf: could not release a reply at the SuperLink: %s", exc)
+
+
+
+def _inflated_reply(message_id: str, contents: dict[str, bytes]) -> Message:
+    """The Message of a pulled reply's object contents, inflated with Flower's own code, one Array at a time.
+
+    Flower's `inflate_object_from_contents` keeps every object it inflated until the whole message is done: each
+    Array's data and, beside it, the ArrayChunks it was joined from, so a reply is held twice over (three times
+    with the contents not yet inflated). Here each Array is inflated first, on its own, and its chunks' contents
+    are dropped as soon as no other Array needs them; the message is then inflated around the Arrays. What is
+    held is the reply's contents, shrinking, and its Arrays, growing: one update, plus one Array being joined.
+
+    Raises what Flower's inflation raises on contents that do not fit together (ValueError, KeyError, IndexError),
+    and TypeError when the root is not a Message.
+    """
+    from flwr.app import Array
+    from flwr.app.message.arraychunk import ArrayChunk
+    from flwr.supercore.inflatable.inflatable_object import (
+        InflatableObject,
+        get_object_head_values_from_object_content,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    arrays: dict[str, list[str]] = {}  # an Array's id -> its distinct chunks' ids
+    users: dict[str, int] = {}  # a chunk's id -> Arrays still to be inflated that join it
+    for object_id, content in contents.items():
+        kind, children, _ = get_object_head_values_from_object_content(content)
+        if kind == "Array":
+            arrays[object_id] = list(dict.fromkeys(children))
+            for child in arrays[object_id]:
+                users[child] = users.get(child, 0) + 1
+    inflated: dict[str, Any] = {}
+    for object_id, children in arrays.items():
+        chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(contents[child]) for child in children}
+        inflated[object_id] = Array.inflate(contents.pop(object_id), children=chunks)
+        del chunks
+        for child in children:
+            users[child] -= 1
+            if not users[child]:
+                del contents[child]
+    message = inflate_object_from_contents(message_id, contents, objects=inflated)
+    if not isinstance(message, Message):
+        raise TypeError(f"the reply's root object is a {type(message).__name__}, not a Message")
+    return message
 
 
 class _Exchange:
@@ -278,7 +392,7 @@ class _Exchange:
         resent = [m for node, m in zip(nodes, messages) if self.sends.get(node, 0) > 0]
         if resent and self.before_resend is not None:
             self.before_resend(resent)  # e.g. deliver again what an institution that failed has lost
-        ids = list(self.inner.push_messages(messages))
+        ids = list(_push(self.inner, messages) if self.one_at_a_time else self.inner.push_messages(messages))
         now = time.monotonic()
         refused = 0
         for node, message_id in zip(nodes, ids):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
@@ -325,6 +327,23 @@ def test_an_instruction_the_superlink_refuses_does_not_hold_a_place_in_the_windo
 
 
 
+def _deployed_grid(api: object) -> Any:
+    """Flower's deployment grid with no connection: `api` answers its calls to the SuperLink."""
+    from flwr.proto.node_pb2 import Node as NodeProto
+    from flwr.supercore.run import Run
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    class Deployed(HttpGrid):
+        @property
+        def _runtime_client(self):  # type: ignore[no-untyped-def, override]
+            return api
+
+    grid = object.__new__(Deployed)
+    grid._run = Run.create_empty(run_id=7)
+    grid.node = NodeProto(node_id=1)
+    return grid
+
+
 class _SuperLinkApi:
     """The SuperLink's ServerAppIo calls that a pull makes, over replies that are all in: each PullObject is
     logged, so that a test sees which reply's content was pulled before which reply was handed on."""
@@ -364,9 +383,6 @@ def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -
     # before it pulls the next one's content.
     import numpy as np
     from flwr.app import Array, ArrayRecord
-    from flwr.proto.node_pb2 import Node as NodeProto
-    from flwr.supercore.run import Run
-    from flwr.superlink.grid.http_grid import HttpGrid
 
     from fedqf.stream import _pull_one_at_a_time
 
@@ -380,14 +396,7 @@ def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -
         replies.append(reply)
     api = _SuperLinkApi(replies)
 
-    class Deployed(HttpGrid):
-        @property
-        def _runtime_client(self):  # type: ignore[no-untyped-def, override]
-            return api
-
-    grid = object.__new__(Deployed)  # no connection: the API above answers
-    grid._run = Run.create_empty(run_id=7)
-    grid.node = NodeProto(node_id=1)
+    grid = _deployed_grid(api)
     seen = []
     for message in _pull_one_at_a_time(grid, ["i0", "i1", "i2", "i9"]):  # i9: not in yet
         api.log.append(f"handed on {message.metadata.reply_to_message_id}")
@@ -410,3 +419,161 @@ def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -
     pulls.close()
     assert len(api.confirmed) == 3
     assert [entry for entry in api.log[before:] if entry in ("pull i1", "pull i2")] == []  # confirmed, not pulled
+
+
+def _reply_with_arrays(arrays: dict[str, object], reply_to: str = "i0", src: int = 1) -> Message:
+    from flwr.app import ArrayRecord
+
+    metadata = Metadata(run_id=7, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=reply_to,
+                        group_id="1", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    reply = make_message(metadata, RecordDict({"arrays": ArrayRecord(arrays)}))  # type: ignore[arg-type]
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    return reply
+
+
+def _contents(message: Message) -> dict[str, bytes]:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+
+
+def test_a_reply_inflated_one_array_at_a_time_is_the_message_flower_inflates() -> None:
+    # Arrays that share a chunk (the same bytes under another stype) and an Array that appears twice: a chunk's
+    # content is dropped only once no Array still needs it.
+    import numpy as np
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedqf.stream import _inflated_reply
+
+    same = b"\x07" * 5000
+    reply = _reply_with_arrays({
+        "a": Array(dtype="bytes", shape=(5000,), stype="one", data=same),
+        "b": Array(dtype="bytes", shape=(5000,), stype="two", data=same),
+        "c": Array(np.arange(300, dtype=np.int64)),
+        "d": Array(np.arange(300, dtype=np.int64)),
+    })
+    ours = _inflated_reply(reply.object_id, _contents(reply))
+    flowers = inflate_object_from_contents(reply.object_id, _contents(reply))
+    assert isinstance(flowers, Message)
+    assert ours.object_id == flowers.object_id == reply.object_id
+    record = ours.content["arrays"]
+    assert record["a"].data == record["b"].data == same  # type: ignore[union-attr]
+    assert record["a"].stype == "one" and record["b"].stype == "two"  # type: ignore[union-attr]
+    assert list(record["d"].numpy()) == list(range(300))  # type: ignore[union-attr]
+
+
+def test_a_reply_is_inflated_without_holding_it_twice() -> None:
+    # Flower's inflation keeps every ArrayChunk it joined until the whole message is inflated: the reply's bytes
+    # twice over beside its contents. fedqf's drops each Array's chunks once the Array is joined.
+    import tracemalloc
+
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedqf.stream import _inflated_reply
+
+    size, arrays = 256 * 1024, 24
+    reply = _reply_with_arrays({f"g{k}": Array(dtype="bytes", shape=(size,), stype="raw", data=bytes([k]) * size)
+                                for k in range(arrays)})
+    peaks = {}
+    for name, inflate in (("fedqf", _inflated_reply), ("flower", inflate_object_from_contents)):
+        tracemalloc.start()  # before the contents are made: their release must count
+        contents = _contents(reply)
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        message = inflate(reply.object_id, contents)
+        peaks[name] = tracemalloc.get_traced_memory()[1] - start
+        tracemalloc.stop()
+        assert message.content["arrays"][f"g{arrays - 1}"].data == bytes([arrays - 1]) * size  # type: ignore
+        del message, contents
+    total = size * arrays
+    assert peaks["flower"] > 0.9 * total  # the chunks beside the Arrays, above the contents
+    assert peaks["fedqf"] < 0.2 * total  # what is joined replaces what it was joined from
+
+
+def test_a_reply_whose_objects_do_not_inflate_is_an_error_reply_and_the_others_go_on() -> None:
+    import numpy as np
+    from flwr.app import Array
+
+    from fedqf.stream import _pull_one_at_a_time
+
+    good = _reply_with_arrays({"w": Array(np.ones(10, dtype=np.float32))}, reply_to="i0", src=1)
+    bad = _reply_with_arrays({"w": Array(np.zeros(10, dtype=np.float32))}, reply_to="i1", src=2)
+    later = _reply_with_arrays({"w": Array(np.full(10, 2, dtype=np.float32))}, reply_to="i2", src=3)
+    api = _SuperLinkApi([good, bad, later])
+    array_id = bad.content["arrays"]["w"].object_id  # type: ignore[union-attr]
+    head, _, _ = api.objects[array_id].partition(b"\x00")
+    api.objects[array_id] = head + b"\x00" + b"{not json"  # what Flower's Array cannot read
+
+    grid = _deployed_grid(api)
+    replies = list(_pull_one_at_a_time(grid, ["i0", "i1", "i2"]))
+    assert [r.has_error() for r in replies] == [False, True, False]
+    assert replies[1].metadata.reply_to_message_id == "i1"
+    assert "do not inflate" in replies[1].error.reason
+    assert float(replies[2].content["arrays"]["w"].numpy()[0]) == 2.0  # type: ignore[union-attr]
+
+
+class _PushApi:
+    """The SuperLink's side of a push: it asks for every object and keeps each one's hash (not its bytes, which
+    would count as the coordinator's memory) and how many came."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, bytes] = {}
+        self.order: list[str] = []
+
+    def PushMessages(self, request):  # type: ignore[no-untyped-def]
+        from flwr.proto.runtime_pb2 import PushAppMessagesResponse
+        from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+
+        wanted = [t.object_id for tree in request.message_object_trees for t in iterate_object_tree(tree)]
+        return PushAppMessagesResponse(message_ids=[m.metadata.message_id for m in request.messages_list],
+                                       objects_to_push=wanted, session_id="s")
+
+    def PushObject(self, request):  # type: ignore[no-untyped-def]
+        from flwr.proto.message_pb2 import PushObjectResponse
+
+        self.stored[request.object_id] = hashlib.sha256(request.object_content).hexdigest()  # not the bytes
+        self.order.append(request.object_id)
+        return PushObjectResponse(stored=True)
+
+
+def test_the_aggregate_is_pushed_without_serializing_it_whole_first() -> None:
+    # Flower's push deflates every object of the messages before the first one leaves: the aggregate sent back
+    # to the institutions would be held twice. fedqf's push sends the same objects, a few serialized at a time.
+    import tracemalloc
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedqf.stream import _push
+
+    size, arrays = 256 * 1024, 24
+    aggregate = ArrayRecord({f"g{k}": Array(dtype="bytes", shape=(size,), stype="raw", data=bytes([k]) * size)
+                             for k in range(arrays)})
+    peaks = {}
+    for name in ("fedqf", "flower"):
+        api = _PushApi()
+
+        grid = _deployed_grid(api)
+        messages = []
+        for node in (11, 12, 13):
+            message = Message(RecordDict({"arrays": aggregate, "config": ConfigRecord({"round": 1})}),
+                              dst_node_id=node, message_type=MessageType.EVALUATE)
+            message.metadata.__dict__["_run_id"] = 7
+            message.metadata.ttl = 600.0
+            messages.append(message)
+        tracemalloc.start()
+        start = tracemalloc.get_traced_memory()[0]
+        ids = _push(grid, messages) if name == "fedqf" else grid.push_messages(messages)
+        peaks[name] = tracemalloc.get_traced_memory()[1] - start
+        tracemalloc.stop()
+        assert list(ids) == [m.object_id for m in messages]
+        expected = {oid: hashlib.sha256(obj.deflate()).hexdigest()
+                    for m in messages for oid, obj in get_all_nested_objects(m).items()}
+        assert api.stored == expected  # every object, once, as Flower would send it
+        assert len(api.order) == len(expected)  # none twice
+        del api.stored
+    total = size * arrays
+    assert peaks["flower"] > 0.9 * total  # every object serialized before the pushes
+    assert peaks["fedqf"] < 0.3 * total
