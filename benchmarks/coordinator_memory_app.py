@@ -37,7 +37,7 @@ from fedqf.crypto import (
     load_public_context,
 )
 from fedqf.packing import PackingScheme
-from fedqf.protocol import ARRAYS, METRICS, REPORT, encrypted_to_record, record_to_encrypted
+from fedqf.protocol import ARRAYS, CKKS_STYPE, METRICS, REPORT, encrypted_to_record, record_to_encrypted
 from fedqf.stream import RoundPolicy, StreamingGrid
 
 VALUE_BOUND = 0.05
@@ -128,6 +128,7 @@ def _main(grid: Grid, context: Context) -> None:
     # for again; one reply pulled at a time
     streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
     streaming.one_at_a_time = True
+    streaming.pull_later = frozenset({CKKS_STYPE})
     deadline = float(_setting(context, "round-timeout"))
     wait_until = time.monotonic() + deadline
     while len(list(grid.get_node_ids())) < institutions:

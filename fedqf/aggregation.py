@@ -32,6 +32,7 @@ from fedqf.protocol import (
     WEIGHT_SUM,
     InstitutionReport,
     ReplyStatus,
+    array_size,
     chunks_to_record,
     is_encrypted,
     record_to_encrypted,
@@ -135,7 +136,7 @@ def update_bytes(message: Message) -> int:
     total = 0
     for record in message.content.values():
         if isinstance(record, ArrayRecord):
-            total += sum(len(array.data) for array in record.values())
+            total += sum(array_size(array) for array in record.values())
         elif isinstance(record, ConfigRecord):
             for value in record.values():
                 items = value if isinstance(value, list) else [value]

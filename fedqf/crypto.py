@@ -23,7 +23,8 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -318,29 +319,44 @@ def key_fingerprint(ctx: ts.Context) -> str:
     return cached
 
 
+class ChunkSource(Sequence[bytes]):
+    """Serialized ciphertexts read only when asked for (`fedqf.protocol`: the coordinator's view of a reply, cut
+    from its Arrays as the running sum reads them). Reading one may raise UpdateRejectedError."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of all the ciphertexts, as declared: nothing is read."""
+
+
 @dataclass(frozen=True)
 class EncryptedVector:
     """A real vector of ``length`` values encrypted in ``len(chunks)`` serialized CKKS ciphertexts of N values each,
-    two per complex slot (the last one may be shorter), under the key named by ``fingerprint``.
+    two per complex slot (the last one may be shorter), under the key named by ``fingerprint``. The chunks are a
+    tuple of bytes, or a ChunkSource that reads them when asked for.
 
     Raises:
-        UpdateRejectedError: a field has the wrong type (chunks not a tuple of bytes, length not a non-negative
-            int, fingerprint not 64 hex characters); this is what arrives from an institution.
+        UpdateRejectedError: a field has the wrong type (chunks not a tuple of bytes nor a ChunkSource, length not
+            a non-negative int, fingerprint not 64 hex characters); this is what arrives from an institution.
     """
 
-    chunks: tuple[bytes, ...]
+    chunks: Sequence[bytes]
     length: int
     fingerprint: str
     _nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chunks, tuple) or not all(isinstance(c, bytes) for c in self.chunks):
+        if isinstance(self.chunks, ChunkSource):
+            nbytes = self.chunks.nbytes
+        elif isinstance(self.chunks, tuple) and all(isinstance(c, bytes) for c in self.chunks):
+            nbytes = sum(len(c) for c in self.chunks)
+        else:
             raise UpdateRejectedError("an encrypted vector's chunks must be a tuple of bytes")
         if not _is_int(self.length) or self.length < 0:
             raise UpdateRejectedError(f"an encrypted vector's length must be a non-negative int, got {self.length!r}")
         if not _is_fingerprint(self.fingerprint):
             raise UpdateRejectedError("an encrypted vector's fingerprint must be 64 lowercase hex characters")
-        object.__setattr__(self, "_nbytes", sum(len(c) for c in self.chunks))
+        object.__setattr__(self, "_nbytes", nbytes)
 
     @property
     def nbytes(self) -> int:

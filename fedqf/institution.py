@@ -11,6 +11,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -337,7 +338,7 @@ def resolve_global_model(inst: Institution, record: ArrayRecord, state: Institut
 # (Institution.shares_process). A simulation worker hosts several institutions in turn, and every one of them
 # receives the same aggregate, encrypted under the same key, in a round: the first decrypts it, the others find
 # the same ciphertext bytes here. A daemon hosts one institution and decrypts each aggregate once anyway.
-_last_decryption: tuple[tuple[Any, ...], tuple[bytes, ...], npt.NDArray[np.float32]] | None = None
+_last_decryption: tuple[tuple[Any, ...], Sequence[bytes], npt.NDArray[np.float32]] | None = None
 _last_decryption_lock = threading.Lock()
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedqf.crypto import EncryptedVector
+from fedqf.crypto import ChunkSource, EncryptedVector
 from fedqf.errors import UpdateRejectedError
 
 ARRAYS = "arrays"  # Flower strategies' default ArrayRecord key
@@ -179,12 +179,88 @@ def _chunk_sizes(record: ArrayRecord, groups: int) -> list[int] | None:
     return [int(v) for v in sizes]
 
 
+class DeferredArray(Array):
+    """An Array of a reply whose bytes are still at the SuperLink: `fedqf.stream` pulls a reply's CKKS Arrays only
+    when they are read, so that the coordinator never holds a whole update. `data` is empty; `read()` pulls the
+    bytes (anew on every call); the size is the one the Array's shape declares, checked when read."""
+
+    def __init__(self, *, dtype: str, shape: tuple[int, ...], stype: str, read: Callable[[], bytes]) -> None:
+        super().__init__(dtype=dtype, shape=shape, stype=stype, data=b"")
+        self.__dict__["_read"] = read
+
+    def read(self) -> bytes:
+        read: Callable[[], bytes] = self.__dict__["_read"]
+        return read()
+
+
+def array_size(array: Array) -> int:
+    """Bytes an Array carries: for a DeferredArray, what its shape declares (nothing is pulled)."""
+    return int(np.prod(array.shape)) if isinstance(array, DeferredArray) else len(array.data)
+
+
+def _array_bytes(key: str, array: Array) -> bytes:
+    if not isinstance(array, DeferredArray):
+        return array.data
+    data = array.read()
+    if len(data) != array_size(array):
+        raise UpdateRejectedError(f"chunk '{key}' holds {len(data)} bytes, its shape declares {array_size(array)}")
+    return data
+
+
+class _GroupedChunks(ChunkSource):
+    """The ciphertexts of an update's Arrays, cut when read, one Array's bytes held at a time. The cut is checked
+    when made, against the Arrays' sizes; an Array is read (a DeferredArray pulled) when one of its ciphertexts is
+    first asked for, and again if asked for after another Array's."""
+
+    def __init__(self, groups: list[tuple[str, Array]], sizes: list[int]) -> None:
+        self._groups = groups
+        self._sizes = sizes
+        self._where: list[tuple[int, int]] = []  # (group, offset) of each ciphertext
+        for group, (key, array) in enumerate(groups):
+            size, start = array_size(array), 0
+            while start < size:
+                if len(self._where) >= len(sizes) or start + sizes[len(self._where)] > size:
+                    raise UpdateRejectedError(f"'{CHUNK_SIZES}' does not cut '{key}' into whole ciphertexts")
+                self._where.append((group, start))
+                start += sizes[len(self._where) - 1]
+            if start == 0:
+                raise UpdateRejectedError(f"chunk '{key}' is empty")
+        if len(self._where) != len(sizes):
+            raise UpdateRejectedError(f"'{CHUNK_SIZES}' names {len(sizes)} ciphertexts, the arrays hold "
+                                      f"{len(self._where)}")
+        self._held: tuple[int, bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[bytes, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | tuple[bytes, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        group, offset = self._where[index]
+        if self._held is None or self._held[0] != group:
+            self._held = None  # the Array read before is let go before the next one is read
+            self._held = (group, _array_bytes(*self._groups[group]))
+        return self._held[1][offset : offset + self._sizes[index]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes)
+
+
 def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> EncryptedVector:
     """Unpack an encrypted vector; a record that is not one raises UpdateRejectedError (never another error).
 
     Every ciphertext lies whole inside one Array, in order: the sizes of `fedqf.chunk-bytes` must cut each Array
-    exactly. With `release`, each Array is removed from the record once it is cut, so that the record's bytes and
-    the ciphertexts cut from them are never both held whole (the coordinator, which reads a reply once).
+    exactly. With `release` (the coordinator, which reads a reply once), the Arrays are taken out of the record
+    and the vector's ciphertexts are cut from them as they are read, one Array held at a time: an update whose
+    Arrays are still at the SuperLink (DeferredArray) is pulled an Array at a time, while it is added. Reading
+    a ciphertext may then raise UpdateRejectedError too (an Array that is not what it declared).
     """
     group_keys = sorted(k for k in record if k.startswith(CKKS_PREFIX))
     if not group_keys:
@@ -192,29 +268,24 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
     if group_keys != [f"{CKKS_PREFIX}{i:06d}" for i in range(len(group_keys))]:
         raise UpdateRejectedError("ciphertext chunks are not numbered 0..n-1")
     sizes = _chunk_sizes(record, len(group_keys))
-    chunks: list[bytes] = []
-    cursor = 0
+    groups: list[tuple[str, Array]] = []
     for key in group_keys:
         array = record[key]
         if array.stype != CKKS_STYPE or not isinstance(array.data, bytes):
             raise UpdateRejectedError(f"chunk '{key}' is not a CKKS ciphertext (stype {array.stype!r})")
-        data = array.data
-        if sizes is None:
-            chunks.append(data)
-        else:
-            start = 0
-            while start < len(data):
-                if cursor >= len(sizes) or start + sizes[cursor] > len(data):
-                    raise UpdateRejectedError(f"'{CHUNK_SIZES}' does not cut '{key}' into whole ciphertexts")
-                chunks.append(data[start : start + sizes[cursor]])
-                start += sizes[cursor]
-                cursor += 1
-            if start == 0:
+        groups.append((key, array))
+    if sizes is None:  # one ciphertext per Array
+        for key, array in groups:
+            if not array_size(array):
                 raise UpdateRejectedError(f"chunk '{key}' is empty")
-        if release:
-            del record[key], array, data
-    if sizes is not None and cursor != len(sizes):
-        raise UpdateRejectedError(f"'{CHUNK_SIZES}' names {len(sizes)} ciphertexts, the arrays hold {cursor}")
+        sizes = [array_size(array) for _, array in groups]
+    chunks: Sequence[bytes] = _GroupedChunks(groups, sizes)
+    if release:
+        for key in group_keys:
+            del record[key]
+    else:
+        chunks = tuple(chunks)
+    del groups
     length = _scalar(record, VECTOR_LENGTH, dtype=np.integer)
     if "fedqf.fingerprint" not in record:
         raise UpdateRejectedError("the update carries no key fingerprint")
@@ -222,7 +293,7 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
         fingerprint = record["fedqf.fingerprint"].numpy().tobytes().decode("ascii")
     except Exception as exc:
         raise UpdateRejectedError(f"the key fingerprint does not decode ({exc})") from exc
-    return EncryptedVector(chunks=tuple(chunks), length=int(length), fingerprint=fingerprint)
+    return EncryptedVector(chunks=chunks, length=int(length), fingerprint=fingerprint)
 
 
 def aggregate_meta(record: ArrayRecord) -> tuple[int, float]:

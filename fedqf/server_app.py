@@ -34,7 +34,7 @@ from fedqf.data import Dataset, simulate_federation_data
 from fedqf.errors import FederationError, FedqfError, InstitutionsMissingError
 from fedqf.model import ParameterLayout, build_model, set_arrays
 from fedqf.packing import ckks_parameters_of, scheme_for
-from fedqf.protocol import ARRAYS, CONFIG, ReplyStatus, instruction_config, is_encrypted
+from fedqf.protocol import ARRAYS, CKKS_STYPE, CONFIG, ReplyStatus, instruction_config, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
 from fedqf.stream import RoundPolicy, StreamingGrid
@@ -449,8 +449,10 @@ def _main(grid: Grid, context: Context) -> None:
         policy = RoundPolicy(min_replies=federation.required_institutions, retries=federation.round_retries)
         streaming = StreamingGrid(grid, policy=policy)
         if inputs.config.secure_aggregation.mode is SecureAggregationMode.CKKS:
-            # the coordinator holds the running sum and one reply, however many institutions answer at once
+            # the coordinator holds the running sum and one reply, however many institutions answer at once; and of
+            # that reply, one Array of ciphertexts at a time (the rest stays at the SuperLink until the sum reads it)
             streaming.one_at_a_time = True
+            streaming.pull_later = frozenset({CKKS_STYPE})
         if str(context.run_config.get("fedqf-mode", "simulation")) == "simulation":
             from fedqf.simulation import instruction_window
 

@@ -14,7 +14,9 @@ twice. Those that never answered are passed on as error replies naming the insti
 
 from __future__ import annotations
 
+import functools
 import gc
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqf.errors import FedqfError, InstitutionsMissingError
+from fedqf.errors import FedqfError, InstitutionsMissingError, UpdateRejectedError
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class StreamingGrid(Grid):
         # reply it finds before it returns, so with N institutions answering at once the coordinator would hold N
         # encrypted updates. CKKS rounds and blocks set it.
         self.one_at_a_time = False
+        # With one_at_a_time: Arrays of these stypes (a reply's ciphertexts) stay at the SuperLink until they are
+        # read (fedqf.protocol.DeferredArray), so the coordinator reads an update an Array at a time. CKKS training
+        # rounds set it; whoever reads such a reply reads it before asking for the next one.
+        self.pull_later: frozenset[str] = frozenset()
         # At most this many instructions of an exchange in flight (sent, their reply not yet handed on): the next
         # institution is asked as a reply is consumed. A simulation, whose institutions take turns on a few
         # workers, sets it, so that replies do not pile up in the engine while the ServerApp adds earlier ones.
@@ -152,7 +158,8 @@ class StreamingGrid(Grid):
         outgoing = {m.metadata.dst_node_id: m for m in messages}
         exchange = _Exchange(self._inner, outgoing, self._policy, timeout=timeout, poll_interval=self._poll_interval,
                              node_check_interval=self._node_check_interval, before_resend=self.before_send,
-                             on_failure=self.on_failure, one_at_a_time=self.one_at_a_time)
+                             on_failure=self.on_failure, one_at_a_time=self.one_at_a_time,
+                             pull_later=self.pull_later)
         nodes = list(outgoing)
         if self.window is not None and self.window < len(nodes):
             nodes, exchange.queued = nodes[: self.window], nodes[self.window :]
@@ -223,16 +230,22 @@ def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
     return list(response.message_ids)
 
 
-def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]:
+def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozenset[str] = frozenset()
+                        ) -> Iterator[Message]:
     """The replies to `message_ids` that are in, each one's content pulled only once the one before has been
-    consumed.
+    consumed; the Arrays of a stype in `pull_later` only as they are read.
 
     Flower's deployment grid (`HttpGrid.pull_messages`) takes every reply it finds from the SuperLink and pulls and
     inflates all of their contents before it returns them: with N institutions answering at once, the coordinator
     would hold N encrypted updates. This asks the SuperLink once for every reply that is in (their metadata and
-    object trees only; Flower's PullMessages request) and then, lazily, pulls one reply's objects, confirms it
-    and inflates it, as Flower does, reply by reply. A reply whose objects cannot be pulled becomes an error reply,
-    as in Flower. Any other grid (the simulation's, whose replies live in this very process) pulls as it does.
+    object trees only; Flower's PullMessages request) and then, lazily, pulls one reply's objects and inflates it,
+    as Flower does, reply by reply. An Array whose stype is in `pull_later` (a reply's ciphertexts) is handed on as
+    a `fedqf.protocol.DeferredArray`: its bytes stay at the SuperLink until read, so the running sum reads an update
+    an Array at a time and the coordinator never holds one whole. A reply is confirmed (the SuperLink may then drop
+    its objects) once it has been consumed, so its DeferredArrays must be read before the next reply is asked for.
+
+    A reply whose objects cannot be pulled, or do not inflate, becomes an error reply, as in Flower. Any other grid
+    (the simulation's, whose replies live in this very process) pulls as it does.
     """
     from flwr.superlink.grid.http_grid import HttpGrid
 
@@ -244,14 +257,17 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
     from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest
     from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
-    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
     from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
     from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_objects
 
     run_id = grid.run.run_id
     client = grid._runtime_client  # Flower's own client of the SuperLink's ServerAppIo API
+    pull_object = make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node, run_id=run_id)
 
-    def _error_reply(reply_to: str, reason: str) -> Message:  # as Flower's pull makes one
+    def pull(object_ids: list[str]) -> dict[str, bytes]:
+        return pull_objects(object_ids=object_ids, pull_object_fn=pull_object) if object_ids else {}
+
+    def error_reply(reply_to: str, reason: str) -> Message:  # as Flower's pull makes one
         metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
                             dst_node_id=grid.node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="", ttl=0,
                             reply_to_message_id=reply_to, created_at=time.time())
@@ -270,31 +286,26 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
         return
     pairs = list(zip(response.messages_list, response.message_object_trees, strict=True))
     del response
+    unconfirmed: str | None = None  # the reply handed on, until it has been consumed
     try:
         while pairs:
             proto, tree = pairs.pop(0)
-            message_id = proto.metadata.message_id
+            message_id, reply_to = proto.metadata.message_id, proto.metadata.reply_to_message_id
             try:
-                contents = pull_objects(
-                    object_ids=[t.object_id for t in iterate_object_tree(tree)],
-                    pull_object_fn=make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject,
-                                                                node=grid.node, run_id=run_id))
+                message = _pulled_reply(message_id, tree, pull, pull_later)
             except ObjectPullError as exc:
-                yield _error_reply(proto.metadata.reply_to_message_id,
-                                   f"Reply message objects are unavailable: {exc}")
+                yield error_reply(reply_to, f"Reply message objects are unavailable: {exc}")
                 continue
-            confirm(message_id)
-            try:
-                message = _inflated_reply(message_id, contents)
             except (ValueError, KeyError, IndexError, TypeError) as exc:  # objects the SuperLink took, not a message
-                yield _error_reply(proto.metadata.reply_to_message_id,
-                                   f"Reply message objects do not inflate: {type(exc).__name__}: {exc}")
+                confirm(message_id)
+                yield error_reply(reply_to, f"Reply message objects do not inflate: {type(exc).__name__}: {exc}")
                 continue
-            finally:
-                del contents
             message.metadata.__dict__["_message_id"] = message_id
+            unconfirmed = message_id
             yield message
             del message
+            confirm(message_id)
+            unconfirmed = None
             # Flower's HTTP client leaves each request's objects in reference cycles (a response body among them)
             # that only the cyclic collector frees, and in a process as large as a ServerApp its full collections
             # are rare: over a round, hundreds of pulls' bodies piled up (about 0.2 MiB per reply here). The young
@@ -304,15 +315,45 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str]) -> Iterator[Message]
         # Stopped early (the round failed): the SuperLink took these replies off its list with PullMessages, so
         # they cannot be asked for again; confirming them lets it free their objects rather than keep them for
         # the rest of the run.
-        for proto, _ in pairs:
+        for message_id in ([unconfirmed] if unconfirmed else []) + [p.metadata.message_id for p, _ in pairs]:
             try:
-                confirm(proto.metadata.message_id)
+                confirm(message_id)
             except (httpx.HTTPError, OSError) as exc:  # the round is failing already; this must not hide why
                 log(WARNING, "fedqf: could not release a reply at the SuperLink: %s", exc)
 
 
+def _pulled_reply(message_id: str, tree: Any, pull: Callable[[list[str]], dict[str, bytes]],
+                  pull_later: frozenset[str]) -> Message:
+    """Pull a reply's objects, but the ArrayChunks of its Arrays of a stype in `pull_later`, and inflate it
+    (`_inflated_reply`)."""
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_object_body,
+        get_object_head_values_from_object_content,
+        iterate_object_tree,
+    )
 
-def _inflated_reply(message_id: str, contents: dict[str, bytes]) -> Message:
+    nodes = list(iterate_object_tree(tree))
+    if not pull_later:
+        return _inflated_reply(message_id, pull(list(dict.fromkeys(t.object_id for t in nodes))))
+    contents = pull(list(dict.fromkeys(t.object_id for t in nodes if t.children)))  # the message, records, Arrays
+    later: set[str] = set()
+    for node in nodes:
+        if node.children and node.object_id not in later:
+            content = contents[node.object_id]
+            if (get_object_head_values_from_object_content(content)[0] == "Array"
+                    and json.loads(get_object_body(content, Array)).get("stype") in pull_later):
+                later.add(node.object_id)
+    now = [] if tree.children else [tree.object_id]  # the leaves, but the chunks of the Arrays pulled later
+    for node in nodes:
+        if node.children and node.object_id not in later:
+            now += [child.object_id for child in node.children if not child.children]
+    contents.update(pull(list(dict.fromkeys(now))))
+    return _inflated_reply(message_id, contents, later=later, pull=pull)
+
+
+def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[str] | None = None,
+                    pull: Callable[[list[str]], dict[str, bytes]] | None = None) -> Message:
     """The Message of a pulled reply's object contents, inflated with Flower's own code, one Array at a time.
 
     Flower's `inflate_object_from_contents` keeps every object it inflated until the whole message is done: each
@@ -320,27 +361,43 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes]) -> Message:
     with the contents not yet inflated). Here each Array is inflated first, on its own, and its chunks' contents
     are dropped as soon as no other Array needs them; the message is then inflated around the Arrays. What is
     held is the reply's contents, shrinking, and its Arrays, growing: one update, plus one Array being joined.
+    The Arrays in `later` (their chunks not pulled) become DeferredArrays, which `pull` their chunks when read.
 
     Raises what Flower's inflation raises on contents that do not fit together (ValueError, KeyError, IndexError),
     and TypeError when the root is not a Message.
     """
-    from flwr.app import Array
+    from flwr.app import Array, ArrayRecord
     from flwr.app.message.arraychunk import ArrayChunk
     from flwr.supercore.inflatable.inflatable_object import (
         InflatableObject,
+        get_object_body,
         get_object_head_values_from_object_content,
     )
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
+    from fedqf.protocol import DeferredArray
+
+    inflated: dict[str, Any] = {}
+    deferred: dict[str, DeferredArray] = {}
+    for object_id in later or {}:
+        assert pull is not None
+        content = contents.pop(object_id)
+        meta = json.loads(get_object_body(content, Array))
+        inflated[object_id] = deferred[object_id] = DeferredArray(
+            dtype=str(meta["dtype"]), shape=tuple(int(v) for v in meta["shape"]), stype=str(meta["stype"]),
+            read=functools.partial(_read_later, content, pull))
+    placed: list[tuple[str, str, str]] = []  # (ArrayRecord id, name, DeferredArray id): Flower's ArrayRecord copies
     arrays: dict[str, list[str]] = {}  # an Array's id -> its distinct chunks' ids
     users: dict[str, int] = {}  # a chunk's id -> Arrays still to be inflated that join it
     for object_id, content in contents.items():
         kind, children, _ = get_object_head_values_from_object_content(content)
+        if kind == "ArrayRecord" and deferred:
+            refs = json.loads(get_object_body(content, ArrayRecord))
+            placed += [(object_id, name, ref) for name, ref in refs.items() if ref in deferred]
         if kind == "Array":
             arrays[object_id] = list(dict.fromkeys(children))
             for child in arrays[object_id]:
                 users[child] = users.get(child, 0) + 1
-    inflated: dict[str, Any] = {}
     for object_id, children in arrays.items():
         chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(contents[child]) for child in children}
         inflated[object_id] = Array.inflate(contents.pop(object_id), children=chunks)
@@ -352,7 +409,35 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes]) -> Message:
     message = inflate_object_from_contents(message_id, contents, objects=inflated)
     if not isinstance(message, Message):
         raise TypeError(f"the reply's root object is a {type(message).__name__}, not a Message")
+    for record_id, name, array_id in placed:  # the ArrayRecords Flower made hold plain copies of them
+        inflated[record_id][name] = deferred[array_id]
     return message
+
+
+def _read_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -> bytes:
+    """The bytes of the Array whose own content is `content`, its chunks pulled from the SuperLink now.
+
+    Raises UpdateRejectedError: the chunks cannot be pulled, or they do not make the Array.
+    """
+    import httpx
+    from flwr.app import Array
+    from flwr.app.message.arraychunk import ArrayChunk
+    from flwr.supercore.inflatable.inflatable_object import (
+        InflatableObject,
+        get_object_head_values_from_object_content,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    try:
+        _, children, _ = get_object_head_values_from_object_content(content)
+        pulled = pull(list(dict.fromkeys(children)))
+        chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(pulled.pop(child)) for child in list(pulled)}
+        del pulled
+        return Array.inflate(content, children=chunks).data
+    except (ObjectPullError, httpx.HTTPError, OSError) as exc:
+        raise UpdateRejectedError(f"the update's ciphertexts could not be pulled from the SuperLink ({exc})") from exc
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UpdateRejectedError(f"the update's ciphertexts do not inflate ({type(exc).__name__}: {exc})") from exc
 
 
 class _Exchange:
@@ -361,11 +446,13 @@ class _Exchange:
     def __init__(self, inner: Grid, outgoing: dict[int, Message], policy: RoundPolicy, *, timeout: float | None,
                  poll_interval: float, node_check_interval: float,
                  before_resend: Callable[[list[Message]], None] | None = None,
-                 on_failure: Callable[[int], None] | None = None, one_at_a_time: bool = False) -> None:
+                 on_failure: Callable[[int], None] | None = None, one_at_a_time: bool = False,
+                 pull_later: frozenset[str] = frozenset()) -> None:
         self.inner = inner
         self.before_resend = before_resend
         self.on_failure = on_failure
         self.one_at_a_time = one_at_a_time
+        self.pull_later = pull_later
         self.outgoing = outgoing
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -471,7 +558,7 @@ class _Exchange:
             if not wanted:
                 arrived: Iterator[Message] = iter(())
             elif self.one_at_a_time:
-                arrived = _pull_one_at_a_time(self.inner, wanted)
+                arrived = _pull_one_at_a_time(self.inner, wanted, self.pull_later)
             else:
                 arrived = iter(list(self.inner.pull_messages(wanted)))
             pulled = 0

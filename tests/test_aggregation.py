@@ -27,6 +27,7 @@ from fedqf.protocol import (
     ARRAYS,
     METRICS,
     REPORT,
+    DeferredArray,
     InstitutionReport,
     aggregate_meta,
     encrypted_to_record,
@@ -283,3 +284,48 @@ def test_plaintext_mean_does_not_depend_on_the_order_replies_arrive() -> None:
     backward = weighted_mean_arrays(list(reversed(replies)), LAYOUT)
     for name in LAYOUT.names:
         assert forward[name].numpy().tobytes() == backward[name].numpy().tobytes()
+
+
+def _deferred_reply(node: int, secret, values: np.ndarray, *, corrupt: int | None = None) -> tuple[Message, list[int]]:  # type: ignore[no-untyped-def]
+    """A reply whose ciphertext Arrays are still at the SuperLink (DeferredArray, one ciphertext each), as
+    fedqf.stream hands them on; `corrupt` garbles that Array's bytes when read. Returns the reply and a log of
+    the Arrays read."""
+    enc = encrypt(secret, values, bound=float(np.abs(values).max() + 1e-9))
+    record = encrypted_to_record(enc, group_bytes=1)
+    reads: list[int] = []
+    for index, key in enumerate(sorted(k for k in record if k.startswith("ckks."))):
+        array = record[key]
+        data = array.data if index != corrupt else bytes(len(array.data))
+
+        def read(index: int = index, data: bytes = data) -> bytes:
+            reads.append(index)
+            return data
+
+        record[key] = DeferredArray(dtype=array.dtype, shape=array.shape, stype=array.stype, read=read)
+    content = RecordDict({ARRAYS: record, METRICS: _metrics(100, 1.0), REPORT: _report(f"h{node}")})
+    return reply_from(node, content), reads
+
+
+def test_an_update_still_at_the_superlink_is_added_as_read_and_a_bad_one_is_taken_out_again(secret) -> None:  # type: ignore[no-untyped-def]
+    # The coordinator adds a deployed reply's ciphertexts as it pulls them, an Array at a time. One whose third
+    # Array turns out garbage has had two added already: they are read again and subtracted, and the sum is the
+    # good replies' alone.
+    length = 3 * PARAMS.values_per_ciphertext
+    rng = np.random.default_rng(5)
+    good = [rng.uniform(-1, 1, length) for _ in range(2)]
+    first, first_reads = _deferred_reply(0, secret, good[0])
+    bad, bad_reads = _deferred_reply(1, secret, rng.uniform(-1, 1, length), corrupt=2)
+    last, _ = _deferred_reply(2, secret, good[1])
+    assert update_bytes(bad) > length and bad_reads == []  # its size is what the Arrays declare: nothing read
+    public = load_public_context(serialize_public_context(secret))
+    observer = Observer()
+    setup = AggregationSetup(mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((length,),)),
+                             public_context=public, fingerprint=key_fingerprint(public), observer=observer)
+    encrypted, _ = FedAvg(setup=setup, min_institutions=1).aggregate_train(1, [first, bad, last])
+    assert encrypted is not None
+    assert first_reads == [0, 1, 2]  # each Array read once, in order
+    assert bad_reads == [0, 1, 2, 0, 1]  # the two added before the garbage, read again to be taken out
+    statuses = {r.name: r.status.value for r in observer.reports[1]}
+    assert statuses == {"h0": "ok", "h1": "rejected", "h2": "ok"}
+    total = decrypt(secret, record_to_encrypted(encrypted))
+    assert np.abs(total - (good[0] + good[1])).max() <= aggregation_tolerance(PARAMS, num_terms=2, max_abs=1.0)

@@ -13,6 +13,7 @@ from fedqf.protocol import (
     CKKS_PREFIX,
     CKKS_STYPE,
     GROUP_BYTES,
+    DeferredArray,
     chunks_to_record,
     encrypted_to_record,
     record_to_encrypted,
@@ -43,14 +44,50 @@ def test_grouped_record_gives_back_the_same_ciphertexts(sizes: list[int], group_
     assert record_to_encrypted(record) == vector
 
 
-def test_a_record_read_with_release_gives_up_each_group_once_it_is_cut() -> None:
+def test_a_record_read_with_release_gives_up_its_groups_and_cuts_them_as_they_are_read() -> None:
     # The coordinator reads a reply once: its bytes must not be held beside the ciphertexts cut from them.
     vector = _vector([5, 7, 3, 9])
     record = encrypted_to_record(vector, group_bytes=12)
     assert len(_groups(record)) == 2
     assert record_to_encrypted(record) == vector and len(_groups(record)) == 2  # kept without release
-    assert record_to_encrypted(record, release=True) == vector
+    released = record_to_encrypted(record, release=True)
     assert _groups(record) == []
+    assert len(released.chunks) == 4 and released.nbytes == vector.nbytes
+    assert tuple(released.chunks) == vector.chunks
+    assert released.chunks[3] == vector.chunks[3] and released.chunks[0] == vector.chunks[0]  # read again
+
+
+def _deferred(record: ArrayRecord, reads: list[str], *, lie: int = 0) -> None:
+    """Replace the record's groups by DeferredArrays that log every read (`lie` bytes more than declared)."""
+    for key in _groups(record):
+        array = record[key]
+
+        def read(key: str = key, data: bytes = array.data) -> bytes:
+            reads.append(key)
+            return data + b"x" * lie
+
+        record[key] = DeferredArray(dtype=array.dtype, shape=array.shape, stype=array.stype, read=read)
+
+
+def test_an_update_still_at_the_superlink_is_read_one_group_at_a_time() -> None:
+    vector = _vector([5, 7, 3, 9])
+    record = encrypted_to_record(vector, group_bytes=12)
+    reads: list[str] = []
+    _deferred(record, reads)
+    released = record_to_encrypted(record, release=True)
+    assert reads == []  # cut by the declared sizes: nothing is pulled until a ciphertext is read
+    assert released.nbytes == vector.nbytes
+    assert list(released.chunks) == list(vector.chunks)
+    assert reads == ["ckks.000000", "ckks.000001"]  # each group pulled once, in order
+
+
+def test_a_group_that_is_not_the_size_it_declared_is_refused_when_read() -> None:
+    vector = _vector([5, 7, 3, 9])
+    record = encrypted_to_record(vector, group_bytes=12)
+    _deferred(record, [], lie=3)
+    released = record_to_encrypted(record, release=True)
+    with pytest.raises(UpdateRejectedError, match="holds 15 bytes, its shape declares 12"):
+        released.chunks[0]
 
 
 @pytest.mark.parametrize("group_bytes", [4, 12, 1000])

@@ -369,6 +369,8 @@ class _SuperLinkApi:
     def PullObject(self, request):  # type: ignore[no-untyped-def]
         from flwr.proto.message_pb2 import PullObjectResponse
 
+        if request.object_id not in self.objects:
+            return PullObjectResponse(object_found=False, object_available=False)
         self.log.append(f"pull {self.owner[request.object_id]}")
         return PullObjectResponse(object_found=True, object_available=True,
                                   object_content=self.objects[request.object_id])
@@ -621,3 +623,64 @@ def test_what_a_pull_leaves_in_reference_cycles_does_not_pile_up_over_a_round() 
     assert len(held) == 20
     objects_per_reply = len(api.objects) // 20
     assert max(held) < (objects_per_reply + 2) * body  # one reply's garbage at most, not twenty
+
+
+def test_arrays_pulled_later_stay_at_the_superlink_until_read() -> None:
+    # A reply's ciphertext Arrays are handed on as DeferredArrays: their bytes are pulled when read, an Array at
+    # a time, so the coordinator never holds a whole update; everything else arrives inflated as usual.
+    import numpy as np
+    from flwr.app import Array
+
+    from fedqf.protocol import DeferredArray
+    from fedqf.stream import _pull_one_at_a_time
+
+    size = 64 * 1024
+    replies = [_reply_with_arrays({
+        "g0": Array(dtype="bytes", shape=(size,), stype="later", data=bytes([k]) * size),
+        "g1": Array(dtype="bytes", shape=(size,), stype="later", data=bytes([k + 10]) * size),
+        "n": Array(np.arange(5, dtype=np.int64)),
+    }, reply_to=f"i{k}", src=k + 1) for k in range(2)]
+    api = _SuperLinkApi(replies)
+    chunk_of = {}  # a deferred Array's chunk id -> "reply/array"
+    for k, reply in enumerate(replies):
+        for name in ("g0", "g1"):
+            for chunk_id in reply.content["arrays"][name].children:  # type: ignore[union-attr]
+                chunk_of[chunk_id] = f"i{k}/{name}"
+    pulled: list[str] = []
+    served = api.PullObject
+
+    def pull_object(request):  # type: ignore[no-untyped-def]
+        if request.object_id in chunk_of:
+            pulled.append(chunk_of[request.object_id])
+        return served(request)
+
+    api.PullObject = pull_object  # type: ignore[method-assign]
+    grid = _deployed_grid(api)
+    for k, message in enumerate(_pull_one_at_a_time(grid, ["i0", "i1"], frozenset({"later"}))):
+        record = message.content["arrays"]
+        assert isinstance(record["g0"], DeferredArray) and isinstance(record["g1"], DeferredArray)
+        assert not isinstance(record["n"], DeferredArray) and list(record["n"].numpy()) == [0, 1, 2, 3, 4]
+        assert pulled == []  # nothing of the ciphertexts before they are read
+        assert record["g1"].shape == (size,) and record["g1"].stype == "later"
+        assert record["g1"].read() == bytes([k + 10]) * size
+        assert pulled == [f"i{k}/g1"]
+        assert record["g0"].read() == bytes([k]) * size
+        assert pulled == [f"i{k}/g1", f"i{k}/g0"]
+        pulled.clear()
+        assert len(api.confirmed) == k  # confirmed once consumed, not while it may still be read
+    assert len(api.confirmed) == 2
+
+
+def test_an_array_pulled_later_that_cannot_be_read_rejects_that_update() -> None:
+    from flwr.app import Array
+
+    from fedqf.errors import UpdateRejectedError
+    from fedqf.stream import _pull_one_at_a_time
+
+    reply = _reply_with_arrays({"g": Array(dtype="bytes", shape=(100,), stype="later", data=b"z" * 100)})
+    api = _SuperLinkApi([reply])
+    (chunk_id,) = reply.content["arrays"]["g"].children  # type: ignore[union-attr]
+    del api.objects[chunk_id]  # the SuperLink lost it
+    (message,) = list(_pull_one_at_a_time(_deployed_grid(api), ["i0"], frozenset({"later"})))
+    with pytest.raises(UpdateRejectedError, match="could not be pulled from the SuperLink"):
+        message.content["arrays"]["g"].read()  # type: ignore[union-attr]
