@@ -167,18 +167,16 @@ class StreamingGrid(Grid):
         return exchange.replies()
 
 
-PUSH_BATCH = 4  # objects serialized ahead of their push, at most
-
-
 def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
-    """Push `messages`, as Flower's deployment grid (`HttpGrid.push_messages`) does, serializing their objects only
-    a few at a time.
+    """Push `messages`, as Flower's deployment grid (`HttpGrid.push_messages`) does, serializing their objects one
+    at a time.
 
     Flower's push serializes (deflates) every object of the messages before the first one is on its way: it hands
     them all to its thread pool at once. The coordinator sending the aggregate back would hold it twice, as
-    Arrays and as their serialized copies. This sends the same requests (PushMessages, then PushObject for each
-    object the SuperLink asks for, in Flower's order, with Flower's own `push_objects`), `PUSH_BATCH` objects
-    at a time. Any other grid pushes as it does.
+    Arrays and as their serialized copies (and, with two pushes in flight, each one's request copies too). This
+    sends the same requests (PushMessages, then PushObject for each object the SuperLink asks for, in Flower's
+    order), one object serialized and in flight at a time: the SuperLink is the coordinator's own, beside it, so
+    pushing them one after another costs little. Any other grid pushes as it does.
     """
     from flwr.superlink.grid.http_grid import HttpGrid
 
@@ -194,7 +192,6 @@ def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
         no_object_id_recompute,
     )
     from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import push_objects
 
     messages = list(messages)
     if not messages:
@@ -215,13 +212,9 @@ def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
             push_object = make_push_object_fn_protobuf(push_object_protobuf=client.PushObject, node=grid.node,
                                                        run_id=run_id, session_id=response.session_id)
             wanted = set(response.objects_to_push)
-            batch: dict[str, Any] = {}
             for object_id in [i for i in objects if i in wanted]:
-                batch[object_id] = objects.pop(object_id)
-                if len(batch) == PUSH_BATCH:
-                    push_objects(batch, push_object_fn=push_object)  # empties the batch
-            if batch:
-                push_objects(batch, push_object_fn=push_object)
+                push_object(object_id, objects.pop(object_id).deflate())  # raises ObjectPushError, as Flower's
+                gc.collect(1)  # what the request left in reference cycles, its bytes among them (see the pull)
     except httpx.HTTPStatusError as exc:  # as Flower's push: a request too large is logged, nothing is pushed
         if exc.response.status_code != httpx.codes.REQUEST_ENTITY_TOO_LARGE:
             raise
