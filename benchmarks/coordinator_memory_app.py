@@ -38,6 +38,7 @@ from fedqf.crypto import (
 )
 from fedqf.packing import PackingScheme
 from fedqf.protocol import ARRAYS, CKKS_STYPE, METRICS, REPORT, encrypted_to_record, record_to_encrypted
+from fedqf.runtime import return_large_buffers_when_freed
 from fedqf.stream import RoundPolicy, StreamingGrid
 
 VALUE_BOUND = 0.05
@@ -113,6 +114,8 @@ def _main(grid: Grid, context: Context) -> None:
     from fedqf.model import ParameterLayout
 
     params, institutions = int(_setting(context, "params")), int(_setting(context, "institutions"))
+    if _setting(context, "allocator") == "fedqf":  # as fedqf's deployed ServerApp (fedqf.server_app)
+        return_large_buffers_when_freed()
     public = load_public_context(Path(_setting(context, "public-context")).read_bytes())
     ckks = CkksParameters.from_context(public)
     scheme = _scheme(context, ckks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -79,6 +80,28 @@ def flower_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
     return env
+
+
+#: Buffers from this size up are mapped on their own and returned to the system when freed (see below).
+MMAP_THRESHOLD = 64 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_buffers_when_freed(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc map every allocation of `threshold` bytes or more on its own, so that freeing it gives the memory
+    back to the system at once. Returns False where the C library is not glibc (nothing is changed).
+
+    The coordinator's ServerApp allocates and frees one reply's worth of ciphertext-sized buffers (60-256 KiB)
+    after another. glibc raises its mmap threshold each time a mapped buffer is freed, after which such buffers
+    come from its heaps, where freed memory is kept and fragments: the process then held twice what it used
+    (deployed, 1M parameters: 5.5x one update at its peak against 2.5x allocated). Setting the threshold fixes it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def free_port() -> int:

@@ -37,6 +37,7 @@ from fedqf.packing import ckks_parameters_of, scheme_for
 from fedqf.protocol import ARRAYS, CKKS_STYPE, CONFIG, ReplyStatus, instruction_config, is_encrypted
 from fedqf.registry import load_strategy_class
 from fedqf.rundir import RunRecorder
+from fedqf.runtime import return_large_buffers_when_freed
 from fedqf.stream import RoundPolicy, StreamingGrid
 from fedqf.trainer import evaluate
 
@@ -453,7 +454,9 @@ def _main(grid: Grid, context: Context) -> None:
             # that reply, one Array of ciphertexts at a time (the rest stays at the SuperLink until the sum reads it)
             streaming.one_at_a_time = True
             streaming.pull_later = frozenset({CKKS_STYPE})
-        if str(context.run_config.get("fedqf-mode", "simulation")) == "simulation":
+        if str(context.run_config.get("fedqf-mode", "simulation")) != "simulation":
+            return_large_buffers_when_freed()  # a process of its own: what it frees goes back to the system
+        else:
             from fedqf.simulation import instruction_window
 
             # replies wait in the simulation engine, beside the ServerApp, until it adds them: bound how many
