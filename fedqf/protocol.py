@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -195,7 +196,7 @@ class DeferredArray(Array):
 
 def array_size(array: Array) -> int:
     """Bytes an Array carries: for a DeferredArray, what its shape declares (nothing is pulled)."""
-    return int(np.prod(array.shape)) if isinstance(array, DeferredArray) else len(array.data)
+    return math.prod(array.shape) if isinstance(array, DeferredArray) else len(array.data)
 
 
 def _array_bytes(key: str, array: Array) -> bytes:

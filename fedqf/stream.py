@@ -284,17 +284,21 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
         while pairs:
             proto, tree = pairs.pop(0)
             message_id, reply_to = proto.metadata.message_id, proto.metadata.reply_to_message_id
+            unconfirmed = message_id
             try:
                 message = _pulled_reply(message_id, tree, pull, pull_later)
-            except ObjectPullError as exc:
+            except ObjectPullError as exc:  # as Flower: not confirmed (the SuperLink may still be receiving it)
+                unconfirmed = None
                 yield error_reply(reply_to, f"Reply message objects are unavailable: {exc}")
                 continue
-            except (ValueError, KeyError, IndexError, TypeError) as exc:  # objects the SuperLink took, not a message
+            except Exception as exc:  # objects the SuperLink took that are not a message (hand-made ones)
+                if isinstance(exc, OSError) or _is_transport_error(exc):
+                    raise  # the SuperLink itself failed: the round cannot go on
                 confirm(message_id)
+                unconfirmed = None
                 yield error_reply(reply_to, f"Reply message objects do not inflate: {type(exc).__name__}: {exc}")
                 continue
             message.metadata.__dict__["_message_id"] = message_id
-            unconfirmed = message_id
             yield message
             del message
             confirm(message_id)
@@ -318,7 +322,11 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
 def _pulled_reply(message_id: str, tree: Any, pull: Callable[[list[str]], dict[str, bytes]],
                   pull_later: frozenset[str]) -> Message:
     """Pull a reply's objects, but the ArrayChunks of its Arrays of a stype in `pull_later`, and inflate it
-    (`_inflated_reply`)."""
+    (`_inflated_reply`). Those chunks are pulled once too, an Array at a time, and dropped: the SuperLink lists a
+    reply before all of its objects have arrived, and keeps them, once arrived, until the reply is confirmed. So a
+    reply is handed on only when every object is there, and reading an Array while it is added, or again to take
+    the update out of the sum, cannot find one missing (a node that died mid-push would otherwise leave the sum
+    with part of an update it cannot take out). The cost: an update crosses from the SuperLink twice."""
     from flwr.app import Array
     from flwr.supercore.inflatable.inflatable_object import (
         get_object_body,
@@ -334,8 +342,9 @@ def _pulled_reply(message_id: str, tree: Any, pull: Callable[[list[str]], dict[s
     for node in nodes:
         if node.children and node.object_id not in later:
             content = contents[node.object_id]
-            if (get_object_head_values_from_object_content(content)[0] == "Array"
-                    and json.loads(get_object_body(content, Array)).get("stype") in pull_later):
+            meta = (json.loads(get_object_body(content, Array))
+                    if get_object_head_values_from_object_content(content)[0] == "Array" else None)
+            if isinstance(meta, dict) and meta.get("stype") in pull_later:
                 later.add(node.object_id)
     now = [] if tree.children else [tree.object_id]  # the leaves, but the chunks of the Arrays pulled later
     for node in nodes:
@@ -377,8 +386,9 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[s
         content = contents.pop(object_id)
         meta = json.loads(get_object_body(content, Array))
         inflated[object_id] = deferred[object_id] = DeferredArray(
-            dtype=str(meta["dtype"]), shape=tuple(int(v) for v in meta["shape"]), stype=str(meta["stype"]),
+            dtype=str(meta["dtype"]), shape=(_declared_size(meta),), stype=str(meta["stype"]),
             read=functools.partial(_read_later, content, pull))
+        _joined_later(content, pull)  # every chunk is at the SuperLink (see `_pulled_reply`); dropped again
     placed: list[tuple[str, str, str]] = []  # (ArrayRecord id, name, DeferredArray id): Flower's ArrayRecord copies
     arrays: dict[str, list[str]] = {}  # an Array's id -> its distinct chunks' ids
     users: dict[str, int] = {}  # a chunk's id -> Arrays still to be inflated that join it
@@ -412,25 +422,53 @@ def _read_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -
 
     Raises UpdateRejectedError: the chunks cannot be pulled, or they do not make the Array.
     """
-    import httpx
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    try:
+        return _joined_later(content, pull)
+    except Exception as exc:  # besides the transport's, what hand-made objects raise in Flower's inflation
+        if isinstance(exc, (ObjectPullError, OSError)) or _is_transport_error(exc):
+            raise UpdateRejectedError(
+                f"the update's ciphertexts could not be pulled from the SuperLink ({exc})") from exc
+        raise UpdateRejectedError(f"the update's ciphertexts do not inflate ({type(exc).__name__}: {exc})") from exc
+
+
+def _joined_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -> bytes:
+    """`_read_later` without its error translation. The Array's length is checked against its declared shape
+    before its chunks are joined: an Array that names one chunk many times cannot make the coordinator join more
+    than it declared."""
     from flwr.app import Array
     from flwr.app.message.arraychunk import ArrayChunk
     from flwr.supercore.inflatable.inflatable_object import (
         InflatableObject,
+        get_object_body,
         get_object_head_values_from_object_content,
     )
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 
-    try:
-        _, children, _ = get_object_head_values_from_object_content(content)
-        pulled = pull(list(dict.fromkeys(children)))
-        chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(pulled.pop(child)) for child in list(pulled)}
-        del pulled
-        return Array.inflate(content, children=chunks).data
-    except (ObjectPullError, httpx.HTTPError, OSError) as exc:
-        raise UpdateRejectedError(f"the update's ciphertexts could not be pulled from the SuperLink ({exc})") from exc
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise UpdateRejectedError(f"the update's ciphertexts do not inflate ({type(exc).__name__}: {exc})") from exc
+    _, children, _ = get_object_head_values_from_object_content(content)
+    meta = json.loads(get_object_body(content, Array))
+    declared = _declared_size(meta)
+    pulled = pull(list(dict.fromkeys(children)))
+    lengths = {child: get_object_head_values_from_object_content(c)[2] for child, c in pulled.items()}
+    joined = sum(lengths[children[int(i)]] for i in meta["arraychunk_ids"])
+    if joined != declared:
+        raise ValueError(f"the Array's chunks hold {joined} bytes, its shape declares {declared}")
+    chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(pulled.pop(child)) for child in list(pulled)}
+    return Array.inflate(content, children=chunks).data
+
+
+def _declared_size(meta: object) -> int:
+    """The byte size a CKKS Array's metadata declares: shape (n,), n >= 1 (bytes). Raises ValueError otherwise."""
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 1):
+        raise ValueError(f"a ciphertext Array's shape must be [n] with n >= 1, got {shape!r}")
+    return int(shape[0])
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    import httpx
+
+    return isinstance(exc, httpx.HTTPError)
 
 
 class _Exchange:

@@ -348,12 +348,15 @@ class _SuperLinkApi:
     """The SuperLink's ServerAppIo calls that a pull makes, over replies that are all in: each PullObject is
     logged, so that a test sees which reply's content was pulled before which reply was handed on."""
 
-    def __init__(self, replies: list[Message]) -> None:
+    def __init__(self, replies: list[Message], *, drop_confirmed: bool = False) -> None:
         from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
         self.replies = {m.metadata.reply_to_message_id: m for m in replies}
         self.objects = {oid: obj.deflate() for m in replies for oid, obj in get_all_nested_objects(m).items()}
         self.owner = {oid: m.metadata.reply_to_message_id for m in replies for oid in get_all_nested_objects(m)}
+        # as the SuperLink: a confirmed reply's objects are gone (those no other reply holds)
+        self.drop_confirmed = drop_confirmed
+        self.held = {m.metadata.message_id: set(get_all_nested_objects(m)) for m in replies}
         self.log: list[str] = []
         self.confirmed: list[str] = []
 
@@ -377,6 +380,10 @@ class _SuperLinkApi:
 
     def ConfirmMessageReceived(self, request):  # type: ignore[no-untyped-def]
         self.confirmed.append(request.message_object_id)
+        if self.drop_confirmed:
+            gone = self.held.pop(request.message_object_id, set())
+            for object_id in gone - set().union(*self.held.values()):
+                self.objects.pop(object_id, None)
 
 
 def test_replies_that_arrive_together_are_pulled_one_at_a_time_in_deployment() -> None:
@@ -627,7 +634,8 @@ def test_what_a_pull_leaves_in_reference_cycles_does_not_pile_up_over_a_round() 
 
 def test_arrays_pulled_later_stay_at_the_superlink_until_read() -> None:
     # A reply's ciphertext Arrays are handed on as DeferredArrays: their bytes are pulled when read, an Array at
-    # a time, so the coordinator never holds a whole update; everything else arrives inflated as usual.
+    # a time, so the coordinator never holds a whole update; everything else arrives inflated as usual. Before it
+    # is handed on, each of their chunks has been pulled once (and dropped): all of them are at the SuperLink.
     import numpy as np
     from flwr.app import Array
 
@@ -640,7 +648,7 @@ def test_arrays_pulled_later_stay_at_the_superlink_until_read() -> None:
         "g1": Array(dtype="bytes", shape=(size,), stype="later", data=bytes([k + 10]) * size),
         "n": Array(np.arange(5, dtype=np.int64)),
     }, reply_to=f"i{k}", src=k + 1) for k in range(2)]
-    api = _SuperLinkApi(replies)
+    api = _SuperLinkApi(replies, drop_confirmed=True)
     chunk_of = {}  # a deferred Array's chunk id -> "reply/array"
     for k, reply in enumerate(replies):
         for name in ("g0", "g1"):
@@ -660,7 +668,8 @@ def test_arrays_pulled_later_stay_at_the_superlink_until_read() -> None:
         record = message.content["arrays"]
         assert isinstance(record["g0"], DeferredArray) and isinstance(record["g1"], DeferredArray)
         assert not isinstance(record["n"], DeferredArray) and list(record["n"].numpy()) == [0, 1, 2, 3, 4]
-        assert pulled == []  # nothing of the ciphertexts before they are read
+        assert sorted(pulled) == [f"i{k}/g0", f"i{k}/g1"]  # each checked once, none held
+        pulled.clear()
         assert record["g1"].shape == (size,) and record["g1"].stype == "later"
         assert record["g1"].read() == bytes([k + 10]) * size
         assert pulled == [f"i{k}/g1"]
@@ -671,16 +680,81 @@ def test_arrays_pulled_later_stay_at_the_superlink_until_read() -> None:
     assert len(api.confirmed) == 2
 
 
-def test_an_array_pulled_later_that_cannot_be_read_rejects_that_update() -> None:
+def test_a_reply_whose_later_array_is_not_all_at_the_superlink_is_not_handed_on() -> None:
+    # An institution whose node died while pushing its update: the SuperLink lists the reply, one chunk never
+    # comes. Handed on, the sum would add part of it and could not read that part again to take it out.
+    from flwr.app import Array
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedqf.stream import _pull_one_at_a_time
+
+    complete = _reply_with_arrays({"g": Array(dtype="bytes", shape=(100,), stype="later", data=b"a" * 100)},
+                                  reply_to="i0", src=1)
+    cut = _reply_with_arrays({"g": Array(dtype="bytes", shape=(100,), stype="later", data=b"z" * 100)},
+                             reply_to="i1", src=2)
+    api = _SuperLinkApi([complete, cut], drop_confirmed=True)
+    (chunk_id,) = cut.content["arrays"]["g"].children  # type: ignore[union-attr]
+    del api.objects[chunk_id]  # never arrived
+    real = inflatable_utils.pull_objects
+
+    def impatient(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(*args, **{**kwargs, "max_time": 0.2})  # Flower's pull waits for a missing object: not long
+
+    inflatable_utils.pull_objects = impatient  # type: ignore[assignment]
+    try:
+        replies = list(_pull_one_at_a_time(_deployed_grid(api), ["i0", "i1"], frozenset({"later"})))
+    finally:
+        inflatable_utils.pull_objects = real  # type: ignore[assignment]
+    assert [r.has_error() for r in replies] == [False, True]
+    assert "unavailable" in replies[1].error.reason
+
+
+def test_an_array_pulled_later_that_is_gone_when_read_rejects_that_update() -> None:
     from flwr.app import Array
 
     from fedqf.errors import UpdateRejectedError
     from fedqf.stream import _pull_one_at_a_time
 
     reply = _reply_with_arrays({"g": Array(dtype="bytes", shape=(100,), stype="later", data=b"z" * 100)})
-    api = _SuperLinkApi([reply])
+    api = _SuperLinkApi([reply], drop_confirmed=True)
     (chunk_id,) = reply.content["arrays"]["g"].children  # type: ignore[union-attr]
-    del api.objects[chunk_id]  # the SuperLink lost it
-    (message,) = list(_pull_one_at_a_time(_deployed_grid(api), ["i0"], frozenset({"later"})))
-    with pytest.raises(UpdateRejectedError, match="could not be pulled from the SuperLink"):
-        message.content["arrays"]["g"].read()  # type: ignore[union-attr]
+    for message in _pull_one_at_a_time(_deployed_grid(api), ["i0"], frozenset({"later"})):
+        del api.objects[chunk_id]  # the SuperLink lost it after the reply was handed on
+        with pytest.raises(UpdateRejectedError, match="could not be pulled from the SuperLink"):
+            message.content["arrays"]["g"].read()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("target", "body", "expected"), [
+    ("array", b"{not json", "JSONDecodeError"),
+    ("array", b"[1, 2]", "TypeError"),  # not a dict: inflated by Flower now, which cannot
+    ("record", b"[1, 2]", "AttributeError"),
+    ("array", b'{"dtype": "bytes", "shape": [1e999], "stype": "later", "arraychunk_ids": [0]}', "shape must be"),
+    # one 64 KiB chunk named 100,000 times under a declared size of 1: refused before anything is joined
+    ("array", b'{"dtype": "bytes", "shape": [1], "stype": "later", "arraychunk_ids": [' + b"0, " * 99_999
+     + b'0]}', "its shape declares 1"),
+])
+def test_hand_made_objects_of_a_reply_are_that_reply_s_error_and_the_others_go_on(
+        target: str, body: bytes, expected: str) -> None:
+    from flwr.app import Array
+
+    from fedqf.stream import _pull_one_at_a_time
+
+    def reply(k: int) -> Message:
+        return _reply_with_arrays({"g": Array(dtype="bytes", shape=(65536,), stype="later",
+                                              data=bytes([k]) * 65536)}, reply_to=f"i{k}", src=k + 1)
+
+    replies = [reply(0), reply(1), reply(2)]
+    api = _SuperLinkApi(replies, drop_confirmed=True)
+    record = replies[1].content["arrays"]
+    object_id = record.object_id if target == "record" else record["g"].object_id  # type: ignore[union-attr]
+    head, _, _ = api.objects[object_id].partition(b"\x00")
+    api.objects[object_id] = head + b"\x00" + body
+    results = []
+    for message in _pull_one_at_a_time(_deployed_grid(api), ["i0", "i1", "i2"], frozenset({"later"})):
+        results.append(message.error.reason if message.has_error()
+                       else message.content["arrays"]["g"].read()[:1])  # type: ignore[union-attr]
+    assert results[0] == b"\x00" and results[2] == b"\x02"
+    assert isinstance(results[1], str) and "do not inflate" in results[1] and expected in results[1]
+    assert len(api.confirmed) == 3  # the hand-made reply too: the SuperLink may drop its objects
+
+
