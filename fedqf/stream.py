@@ -258,7 +258,11 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
     pull_object = make_pull_object_fn_protobuf(pull_object_protobuf=client.PullObject, node=grid.node, run_id=run_id)
 
     def pull(object_ids: list[str]) -> dict[str, bytes]:
-        return pull_objects(object_ids=object_ids, pull_object_fn=pull_object) if object_ids else {}
+        if not object_ids:
+            return {}
+        contents = pull_objects(object_ids=object_ids, pull_object_fn=pull_object)
+        gc.collect(1)  # what these requests left in reference cycles, their response bodies among them (see below)
+        return contents
 
     def error_reply(reply_to: str, reason: str) -> Message:  # as Flower's pull makes one
         metadata = Metadata(run_id=run_id, message_id="", src_node_id=grid.node.node_id,
@@ -388,7 +392,7 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[s
         inflated[object_id] = deferred[object_id] = DeferredArray(
             dtype=str(meta["dtype"]), shape=(_declared_size(meta),), stype=str(meta["stype"]),
             read=functools.partial(_read_later, content, pull))
-        _joined_later(content, pull)  # every chunk is at the SuperLink (see `_pulled_reply`); dropped again
+        _joined_later(content, pull, join=False)  # every chunk is at the SuperLink (see `_pulled_reply`)
     placed: list[tuple[str, str, str]] = []  # (ArrayRecord id, name, DeferredArray id): Flower's ArrayRecord copies
     arrays: dict[str, list[str]] = {}  # an Array's id -> its distinct chunks' ids
     users: dict[str, int] = {}  # a chunk's id -> Arrays still to be inflated that join it
@@ -433,10 +437,10 @@ def _read_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -
         raise UpdateRejectedError(f"the update's ciphertexts do not inflate ({type(exc).__name__}: {exc})") from exc
 
 
-def _joined_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -> bytes:
+def _joined_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]], *, join: bool = True) -> bytes:
     """`_read_later` without its error translation. The Array's length is checked against its declared shape
     before its chunks are joined: an Array that names one chunk many times cannot make the coordinator join more
-    than it declared."""
+    than it declared. Without `join`, the chunks are only pulled and checked (b"" is returned)."""
     from flwr.app import Array
     from flwr.app.message.arraychunk import ArrayChunk
     from flwr.supercore.inflatable.inflatable_object import (
@@ -453,6 +457,8 @@ def _joined_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]])
     joined = sum(lengths[children[int(i)]] for i in meta["arraychunk_ids"])
     if joined != declared:
         raise ValueError(f"the Array's chunks hold {joined} bytes, its shape declares {declared}")
+    if not join:
+        return b""
     chunks: dict[str, InflatableObject] = {child: ArrayChunk.inflate(pulled.pop(child)) for child in list(pulled)}
     return Array.inflate(content, children=chunks).data
 
