@@ -275,10 +275,7 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
         if array.stype != CKKS_STYPE or not isinstance(array.data, bytes):
             raise UpdateRejectedError(f"chunk '{key}' is not a CKKS ciphertext (stype {array.stype!r})")
         groups.append((key, array))
-    if sizes is None:  # one ciphertext per Array
-        for key, array in groups:
-            if not array_size(array):
-                raise UpdateRejectedError(f"chunk '{key}' is empty")
+    if sizes is None:  # one ciphertext per Array (an empty one is refused by the cut)
         sizes = [array_size(array) for _, array in groups]
     chunks: Sequence[bytes] = _GroupedChunks(groups, sizes)
     if release:
@@ -286,7 +283,6 @@ def record_to_encrypted(record: ArrayRecord, *, release: bool = False) -> Encryp
             del record[key]
     else:
         chunks = tuple(chunks)
-    del groups
     length = _scalar(record, VECTOR_LENGTH, dtype=np.integer)
     if "fedqf.fingerprint" not in record:
         raise UpdateRejectedError("the update carries no key fingerprint")

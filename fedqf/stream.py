@@ -261,7 +261,11 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
         if not object_ids:
             return {}
         contents = pull_objects(object_ids=object_ids, pull_object_fn=pull_object)
-        gc.collect(1)  # what these requests left in reference cycles, their response bodies among them (see below)
+        # Flower's HTTP client leaves each request's objects in reference cycles (a response body among them) that
+        # only the cyclic collector frees, and in a process as large as a ServerApp its full collections are rare:
+        # over a round, hundreds of pulls' bodies piled up (about 0.2 MiB per reply). The young generations hold
+        # these requests' cycles: collecting them is cheap.
+        gc.collect(1)
         return contents
 
     def error_reply(reply_to: str, reason: str) -> Message:  # as Flower's pull makes one
@@ -296,7 +300,7 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
                 yield error_reply(reply_to, f"Reply message objects are unavailable: {exc}")
                 continue
             except Exception as exc:  # objects the SuperLink took that are not a message (hand-made ones)
-                if isinstance(exc, OSError) or _is_transport_error(exc):
+                if _is_transport_error(exc):
                     raise  # the SuperLink itself failed: the round cannot go on
                 confirm(message_id)
                 unconfirmed = None
@@ -307,11 +311,6 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
             del message
             confirm(message_id)
             unconfirmed = None
-            # Flower's HTTP client leaves each request's objects in reference cycles (a response body among them)
-            # that only the cyclic collector frees, and in a process as large as a ServerApp its full collections
-            # are rare: over a round, hundreds of pulls' bodies piled up (about 0.2 MiB per reply here). The young
-            # generations hold this reply's: collecting them is cheap.
-            gc.collect(1)
     finally:
         # Stopped early (the round failed): the SuperLink took these replies off its list with PullMessages, so
         # they cannot be asked for again; confirming them lets it free their objects rather than keep them for
@@ -342,14 +341,15 @@ def _pulled_reply(message_id: str, tree: Any, pull: Callable[[list[str]], dict[s
     if not pull_later:
         return _inflated_reply(message_id, pull(list(dict.fromkeys(t.object_id for t in nodes))))
     contents = pull(list(dict.fromkeys(t.object_id for t in nodes if t.children)))  # the message, records, Arrays
-    later: set[str] = set()
+    later: dict[str, dict[str, Any]] = {}  # an Array pulled later -> its metadata
     for node in nodes:
         if node.children and node.object_id not in later:
             content = contents[node.object_id]
             meta = (json.loads(get_object_body(content, Array))
                     if get_object_head_values_from_object_content(content)[0] == "Array" else None)
             if isinstance(meta, dict) and meta.get("stype") in pull_later:
-                later.add(node.object_id)
+                later[node.object_id] = meta
+                _joined_later(content, pull, join=False)  # its chunks are all at the SuperLink
     now = [] if tree.children else [tree.object_id]  # the leaves, but the chunks of the Arrays pulled later
     for node in nodes:
         if node.children and node.object_id not in later:
@@ -358,7 +358,7 @@ def _pulled_reply(message_id: str, tree: Any, pull: Callable[[list[str]], dict[s
     return _inflated_reply(message_id, contents, later=later, pull=pull)
 
 
-def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[str] | None = None,
+def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: dict[str, dict[str, Any]] | None = None,
                     pull: Callable[[list[str]], dict[str, bytes]] | None = None) -> Message:
     """The Message of a pulled reply's object contents, inflated with Flower's own code, one Array at a time.
 
@@ -367,7 +367,8 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[s
     with the contents not yet inflated). Here each Array is inflated first, on its own, and its chunks' contents
     are dropped as soon as no other Array needs them; the message is then inflated around the Arrays. What is
     held is the reply's contents, shrinking, and its Arrays, growing: one update, plus one Array being joined.
-    The Arrays in `later` (their chunks not pulled) become DeferredArrays, which `pull` their chunks when read.
+    The Arrays in `later` (id -> metadata; their chunks not pulled) become DeferredArrays, which `pull` their
+    chunks when read.
 
     Raises what Flower's inflation raises on contents that do not fit together (ValueError, KeyError, IndexError),
     and TypeError when the root is not a Message.
@@ -385,14 +386,11 @@ def _inflated_reply(message_id: str, contents: dict[str, bytes], *, later: set[s
 
     inflated: dict[str, Any] = {}
     deferred: dict[str, DeferredArray] = {}
-    for object_id in later or {}:
+    for object_id, meta in (later or {}).items():
         assert pull is not None
-        content = contents.pop(object_id)
-        meta = json.loads(get_object_body(content, Array))
         inflated[object_id] = deferred[object_id] = DeferredArray(
             dtype=str(meta["dtype"]), shape=(_declared_size(meta),), stype=str(meta["stype"]),
-            read=functools.partial(_read_later, content, pull))
-        _joined_later(content, pull, join=False)  # every chunk is at the SuperLink (see `_pulled_reply`)
+            read=functools.partial(_read_later, contents.pop(object_id), pull))
     placed: list[tuple[str, str, str]] = []  # (ArrayRecord id, name, DeferredArray id): Flower's ArrayRecord copies
     arrays: dict[str, list[str]] = {}  # an Array's id -> its distinct chunks' ids
     users: dict[str, int] = {}  # a chunk's id -> Arrays still to be inflated that join it
@@ -431,7 +429,7 @@ def _read_later(content: bytes, pull: Callable[[list[str]], dict[str, bytes]]) -
     try:
         return _joined_later(content, pull)
     except Exception as exc:  # besides the transport's, what hand-made objects raise in Flower's inflation
-        if isinstance(exc, (ObjectPullError, OSError)) or _is_transport_error(exc):
+        if isinstance(exc, ObjectPullError) or _is_transport_error(exc):
             raise UpdateRejectedError(
                 f"the update's ciphertexts could not be pulled from the SuperLink ({exc})") from exc
         raise UpdateRejectedError(f"the update's ciphertexts do not inflate ({type(exc).__name__}: {exc})") from exc
@@ -472,9 +470,10 @@ def _declared_size(meta: object) -> int:
 
 
 def _is_transport_error(exc: BaseException) -> bool:
+    """Whether `exc` is the SuperLink's connection failing (not what a reply holds)."""
     import httpx
 
-    return isinstance(exc, httpx.HTTPError)
+    return isinstance(exc, (httpx.HTTPError, OSError))
 
 
 class _Exchange:
