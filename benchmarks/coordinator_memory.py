@@ -10,7 +10,8 @@ packing, headroom for `--headroom` institutions, so that every count sends updat
 Reported for each institution count and round: the ServerApp's peak above its memory at the round's start (it
 measures itself: malloc_trim, clear_refs, VmHWM), and the SuperLink's private memory (RssAnon, sampled every 0.2 s)
 at its peak in the round above its value as the round began; both against one encrypted update. The ServerApp
-sets glibc's mmap threshold as fedqf's deployed coordinator does (`--allocator glibc`: glibc's defaults).
+sets glibc's mmap threshold and heaps as fedqf's deployed coordinator does (`--allocator glibc`: glibc's
+defaults).
 
     PYTHONPATH=. python benchmarks/coordinator_memory.py [--institutions 10 100] [--params 1060170] [--rounds 3]
 """
@@ -46,12 +47,13 @@ MANIFEST = app_manifest(
     clientapp="coordinator_memory_app:client",
     config={"bench-params": 0, "bench-institutions": 0, "bench-headroom": 0, "bench-bits": 4, "bench-rounds": 3,
             "bench-round-timeout": 120, "bench-secret-context": "", "bench-public-context": "", "bench-out": "",
-            "bench-allocator": "fedqf"},
+            "bench-allocator": "fedqf", "bench-aggregate": "file"},
 )
 
 
 def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: int, timeout: float,
-        round_timeout: float, database: str = "sqlite", allocator: str = "fedqf") -> dict[str, object]:
+        round_timeout: float, database: str = "sqlite", allocator: str = "fedqf", aggregate: str = "file"
+        ) -> dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     secret_path, public_path = write_keys(work, LARGE_MODEL)
     result_path = work / "result.json"
@@ -60,7 +62,8 @@ def run(work: Path, *, institutions: int, params: int, headroom: int, rounds: in
                              patterns=PATTERNS, run_config={
         "bench-params": params, "bench-institutions": institutions, "bench-headroom": headroom,
         "bench-rounds": rounds, "bench-round-timeout": round_timeout, "bench-secret-context": str(secret_path),
-        "bench-public-context": str(public_path), "bench-out": str(result_path), "bench-allocator": allocator})
+        "bench-public-context": str(public_path), "bench-out": str(result_path), "bench-allocator": allocator,
+        "bench-aggregate": aggregate})
     if not result_path.exists():
         tail = (work / "flwr-run.log").read_text()[-3000:] if (work / "flwr-run.log").exists() else ""
         raise FederationError(f"the coordinator-memory run wrote no result (see {work}):\n{tail}")
@@ -89,8 +92,12 @@ def main() -> None:
                         "have not answered are asked again (a SuperNode's push can fail under load)")
     parser.add_argument("--database", default="sqlite", choices=("sqlite", "memory"),
                         help="SuperLink state: a SQLite file (as fedqf deploys it) or Flower's in-memory state")
-    parser.add_argument("--allocator", default="fedqf", choices=("fedqf", "glibc"),
-                        help="fedqf: the ServerApp sets glibc's mmap threshold as fedqf's does; glibc: its defaults")
+    parser.add_argument("--allocator", default="fedqf", choices=("fedqf", "threshold", "glibc"),
+                        help="fedqf: the ServerApp sets glibc's mmap threshold and its one heap as fedqf's does; "
+                        "threshold: the mmap threshold alone (heaps per thread); glibc: its defaults")
+    parser.add_argument("--aggregate", default="file", choices=("file", "memory"),
+                        help="file: the aggregate is drained into its file and sent from there, as fedqf's "
+                        "coordinator does; memory: it is held in memory (fedqf before)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedqf-coordinator-memory-"))).resolve()
@@ -103,7 +110,7 @@ def main() -> None:
         print(f"{count} institutions ...", flush=True)
         results[str(count)] = run(out / f"k{count}", institutions=count, params=args.params, headroom=headroom,
                                   rounds=args.rounds, timeout=args.timeout, round_timeout=args.round_timeout,
-                                  database=args.database, allocator=args.allocator)
+                                  database=args.database, allocator=args.allocator, aggregate=args.aggregate)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     mib = 1024.0
     print("| institutions | one update MiB | ServerApp peak above round start MiB, each round | peak / update, "

@@ -3,7 +3,8 @@ runtime, with institutions that only encrypt (issue 4).
 
 The ServerApp runs what fedqf's coordinator runs on every training round: `fedqf.stream.StreamingGrid` hands the
 replies over as they arrive, `fedqf.aggregation.aggregate_train_replies` checks each and adds it into the running
-sum, and the aggregate goes back to every institution, which decrypts it and checks it against the exact sum. What
+sum, which is drained into the round's aggregate file (`bench-aggregate` "memory": into an ArrayRecord held in
+memory, as fedqf did before), and the aggregate goes back to every institution, which decrypts it and checks it against the exact sum. What
 it leaves out is training: an institution's update is `bench-params` quantized random values (seeded by the
 institution and the round), packed and encrypted under the federation's key as fedqf's institutions do, so that
 100 institutions fit one host.
@@ -101,7 +102,20 @@ def _decrypt(message: Message, context: Context) -> Message:
 def _status_kib() -> dict[str, int]:
     lines = Path("/proc/self/status").read_text().splitlines()
     return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in lines)
-            if k in ("VmRSS", "VmHWM", "RssAnon")}
+            if k in ("VmRSS", "VmHWM", "RssAnon", "Threads")}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_kib(libc: ctypes.CDLL) -> dict[str, int]:
+    """glibc's heaps, all arenas: what they took from the system (`heap`), of it what is free (`heap_free`), and
+    the buffers mapped on their own (`mapped`), KiB. What is free stays resident until trimmed."""
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"heap": info.arena // 1024, "heap_free": info.fordblks // 1024, "mapped": info.hblkhd // 1024}
 
 
 server = ServerApp()
@@ -114,8 +128,11 @@ def _main(grid: Grid, context: Context) -> None:
     from fedqf.model import ParameterLayout
 
     params, institutions = int(_setting(context, "params")), int(_setting(context, "institutions"))
-    if _setting(context, "allocator") == "fedqf":  # as fedqf's deployed ServerApp (fedqf.server_app)
+    allocator = _setting(context, "allocator")
+    if allocator == "fedqf":  # as fedqf's deployed ServerApp (fedqf.server_app)
         return_large_buffers_when_freed()
+    elif allocator == "threshold":  # the mmap threshold alone: glibc's heaps per thread
+        return_large_buffers_when_freed(arenas=None)
     public = load_public_context(Path(_setting(context, "public-context")).read_bytes())
     ckks = CkksParameters.from_context(public)
     scheme = _scheme(context, ckks)
@@ -126,7 +143,10 @@ def _main(grid: Grid, context: Context) -> None:
         min_institutions=institutions, public_context=public, fingerprint=key_fingerprint(public),
         encrypted_length=length,
         max_update_bytes=2 * chunks * (ckks.poly_modulus_degree * (len(ckks.coeff_mod_bit_sizes) - 1) * 8 + 512)
-        + SIZE_MARGIN)  # fedqf.aggregation.update_size_limit's rule
+        + SIZE_MARGIN,  # fedqf.aggregation.update_size_limit's rule
+        # as fedqf's coordinator: the aggregate is drained into its file and sent from there (fedqf.stored)
+        aggregate_file=(lambda r: Path(_setting(context, "out")).parent / f"aggregate-{r:06d}.bin")
+        if _setting(context, "aggregate") == "file" else None)
     # as fedqf's coordinator: a reply that does not come by the deadline (a SuperNode whose push failed) is asked
     # for again; one reply pulled at a time
     streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
@@ -159,7 +179,7 @@ def _main(grid: Grid, context: Context) -> None:
             raise RuntimeError(f"round {server_round}: {len(outcome.accepted)} of {institutions} updates accepted: "
                                f"{[r.reason for r in outcome.reports if r.reason][:3]}")
         summed = time.perf_counter()
-        after_sum = _status_kib()
+        after_sum, heap_after_sum = _status_kib(), _heap_kib(libc)
         traced_to_sum = tracemalloc.get_traced_memory()[1] - traced_base  # the peak while pulling and adding
         update_bytes = max(int(r.metrics["update-bytes"]) for r in outcome.reports)
         aggregate = outcome.arrays
@@ -177,7 +197,7 @@ def _main(grid: Grid, context: Context) -> None:
             assert isinstance(metrics, MetricRecord)
             mismatches += int(metrics["mismatches"])  # type: ignore[arg-type]
         del back
-        after = _status_kib()
+        after, heap_after = _status_kib(), _heap_kib(libc)
         traced_peak = tracemalloc.get_traced_memory()[1] - traced_base
         tracemalloc.stop()
         rounds.append({
@@ -185,6 +205,7 @@ def _main(grid: Grid, context: Context) -> None:
             "peak_to_sum_kib": after_sum["VmHWM"] - before["VmRSS"], "peak_kib": after["VmHWM"] - before["VmRSS"],
             "python_peak_kib": traced_peak / 1024, "python_peak_to_sum_kib": traced_to_sum / 1024,
             "collect_and_sum_seconds": summed - started, "round_seconds": time.perf_counter() - started,
+            "heap_after_sum_kib": heap_after_sum, "heap_after_kib": heap_after, "threads": after["Threads"],
             "mismatches": mismatches, "undelivered": undelivered, "monotonic_start": since, "monotonic_end": time.monotonic(),
         })
         print(f"round {server_round}: {institutions} updates summed in {summed - started:.1f} s; coordinator peak "

@@ -7,9 +7,10 @@ rejected with its reason; it never touches the aggregate and never stops the rou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -68,6 +69,8 @@ class AggregationSetup:
     max_update_bytes: int = 0  # reject a reply whose arrays and config values exceed this many bytes; 0: no limit
     # CKKS updates larger than secure_aggregation.block_mib: manifests in the train replies, blocks fetched after
     relay: BlockRelay | None = None
+    # CKKS: where a round's aggregate is written as the sum is drained (fedqf.stored), else it is held in memory
+    aggregate_file: Callable[[int], Path] | None = None
 
     @property
     def expected_length(self) -> int:
@@ -289,8 +292,9 @@ def aggregate_train_replies(
             arrays = manifest_record(setup.relay.layout, setup.fingerprint, digests, extra=extra)
         else:
             assert running is not None
+            store = setup.aggregate_file(server_round) if setup.aggregate_file is not None else None
             arrays = chunks_to_record(running.drain(), length=running.length, fingerprint=setup.fingerprint,
-                                      extra=extra)
+                                      extra=extra, store=store)
     return TrainAggregate(arrays, metrics, tuple(accepted), tuple(reports))
 
 

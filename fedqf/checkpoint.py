@@ -23,6 +23,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedqf.errors import FedqfError
 from fedqf.rundir import atomic_write_bytes
+from fedqf.stored import StoredRecordError, read_record, stored_in, write_record
 
 DIRECTORY = "checkpoint"
 
@@ -37,32 +38,30 @@ def config_digest(config_text: str) -> str:
     return hashlib.sha256(config_text.encode()).hexdigest()
 
 
-def _aggregate_path(run_dir: Path, server_round: int) -> Path:
+def aggregate_path(run_dir: Path, server_round: int) -> Path:
+    """Where round `server_round`'s encrypted aggregate is written (`fedqf.stored`'s format)."""
     return run_dir / DIRECTORY / f"aggregate-{server_round:06d}.bin"
 
 
-def save_aggregate(run_dir: Path, server_round: int, record: ArrayRecord) -> None:
-    """Write round `server_round`'s encrypted aggregate to its own file (write, fsync, rename)."""
-    payload = recorddict_to_proto(RecordDict({"aggregate": record})).SerializeToString()
-    atomic_write_bytes(_aggregate_path(run_dir, server_round), bytes(payload))
+def save_aggregate(run_dir: Path, server_round: int, record: ArrayRecord) -> ArrayRecord:
+    """Write round `server_round`'s encrypted aggregate to its own file (write, fsync, rename), an Array at a
+    time, and return it as read from there (its ciphertexts stay in the file); nothing is written when `record`
+    is that file's already (the sum was drained into it)."""
+    path = aggregate_path(run_dir, server_round)
+    return record if stored_in(record, path) else write_record(path, record)
 
 
 def load_aggregate(run_dir: Path, server_round: int) -> ArrayRecord:
-    """Read back round `server_round`'s encrypted aggregate.
+    """Read back round `server_round`'s encrypted aggregate; its ciphertexts stay in the file until read.
 
     Raises:
         CheckpointError: the file is missing or unreadable.
     """
-    path = _aggregate_path(run_dir, server_round)
+    path = aggregate_path(run_dir, server_round)
     try:
-        proto = ProtoRecordDict()
-        proto.ParseFromString(path.read_bytes())
-        record = recorddict_from_proto(proto).get("aggregate")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: the aggregate of round {server_round} is unreadable ({exc})") from exc
-    if not isinstance(record, ArrayRecord):
-        raise CheckpointError(f"{path}: holds no aggregate of round {server_round}")
-    return record
+        return read_record(path)
+    except StoredRecordError as exc:
+        raise CheckpointError(f"the aggregate of round {server_round} is unreadable: {exc}") from exc
 
 
 @dataclass
@@ -83,7 +82,10 @@ class Checkpoint:
     def save(self, run_dir: Path) -> None:
         directory = run_dir / DIRECTORY
         records = RecordDict()
-        if self.latest is not None:
+        # the latest aggregate is its round's file already: the checkpoint names the round
+        latest_round = next((r for r in self.aggregate_rounds
+                             if self.latest is not None and stored_in(self.latest, aggregate_path(run_dir, r))), None)
+        if self.latest is not None and latest_round is None:
             records["latest"] = self.latest
         if self.initial is not None:
             records["initial"] = self.initial
@@ -99,6 +101,7 @@ class Checkpoint:
             "evaluations": {str(k): v for k, v in self.evaluations.items()},
             "wall_seconds": self.wall_seconds,
             "aggregate_rounds": sorted(self.aggregate_rounds),
+            "latest_aggregate": latest_round,
         }
         atomic_write_bytes(directory / "state.json", (json.dumps(state) + "\n").encode())
         for stale in directory.glob("records-*.bin"):
@@ -129,12 +132,16 @@ class Checkpoint:
                 evaluations={int(k): v for k, v in state["evaluations"].items()},
                 wall_seconds=float(state.get("wall_seconds", 0.0)),
             )
+            latest_round = state.get("latest_aggregate")
+            latest_round = None if latest_round is None else int(latest_round)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: the checkpoint is unreadable ({exc})") from exc
-        missing = [r for r in checkpoint.aggregate_rounds if not _aggregate_path(run_dir, r).exists()]
+        missing = [r for r in checkpoint.aggregate_rounds if not aggregate_path(run_dir, r).exists()]
         if missing:
             raise CheckpointError(f"{run_dir / DIRECTORY}: the aggregates of rounds {missing} are missing; expected "
                                   "every aggregate-NNNNNN.bin the checkpoint lists")
+        if latest_round is not None:
+            checkpoint.latest = load_aggregate(run_dir, latest_round)
         if checkpoint.digest != digest:
             raise CheckpointError(
                 f"{run_dir}: the checkpoint belongs to another federation (its config differs); expected the same "

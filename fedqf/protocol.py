@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -13,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedqf.crypto import ChunkSource, EncryptedVector
 from fedqf.errors import UpdateRejectedError
+from fedqf.stored import RecordWriter, StoredArray
 
 ARRAYS = "arrays"  # Flower strategies' default ArrayRecord key
 METRICS = "metrics"
@@ -109,37 +111,55 @@ def encrypted_to_record(
 
 
 def chunks_to_record(chunks: Iterator[bytes], *, length: int, fingerprint: str,
-                     extra: dict[str, np.ndarray] | None = None, group_bytes: int = GROUP_BYTES) -> ArrayRecord:
+                     extra: dict[str, np.ndarray] | None = None, group_bytes: int = GROUP_BYTES,
+                     store: Path | None = None) -> ArrayRecord:
     """``encrypted_to_record`` for ciphertexts that arrive one at a time (``EncryptedSum.drain``): each group is
-    joined as soon as it is full, so beyond the groups already made only one group's pieces are held."""
+    joined as soon as it is full, so beyond the groups already made only one group's pieces are held.
+
+    Given `store`, each group is written to that file as soon as it is joined and the record returned holds
+    them as `fedqf.stored.StoredArray`s: no group stays in memory (the coordinator's aggregate, see
+    `fedqf.stored`). Nothing is at `store` unless the whole record was written."""
+    writer = RecordWriter(store) if store is not None else None
     record = ArrayRecord()
     group: list[bytes] = []
     sizes: list[int] = []
     size = 0
     index = 0
 
+    def put(key: str, array: Array, *, stored: bool = False) -> None:
+        if writer is None:
+            record[key] = array
+        else:
+            writer.add(key, array, store=stored)
+
     def flush() -> None:
         nonlocal group, size, index
         data = group[0] if len(group) == 1 else b"".join(group)
         group, size = [], 0
-        record[f"{CKKS_PREFIX}{index:06d}"] = Array(dtype="bytes", shape=(len(data),), stype=CKKS_STYPE, data=data)
+        put(f"{CKKS_PREFIX}{index:06d}", Array(dtype="bytes", shape=(len(data),), stype=CKKS_STYPE, data=data),
+            stored=True)
         index += 1
 
-    for chunk in chunks:
-        if group and size + len(chunk) > group_bytes:
+    try:
+        for chunk in chunks:
+            if group and size + len(chunk) > group_bytes:
+                flush()
+            group.append(chunk)
+            sizes.append(len(chunk))
+            size += len(chunk)
+            del chunk
+        if group:
             flush()
-        group.append(chunk)
-        sizes.append(len(chunk))
-        size += len(chunk)
-        del chunk
-    if group:
-        flush()
-    record[CHUNK_SIZES] = Array(np.array(sizes, dtype=np.int64))
-    record[VECTOR_LENGTH] = Array(np.array([length], dtype=np.int64))
-    record["fedqf.fingerprint"] = Array(np.frombuffer(fingerprint.encode("ascii"), dtype=np.uint8).copy())
-    for key, value in (extra or {}).items():
-        record[key] = Array(np.asarray(value))
-    return record
+        put(CHUNK_SIZES, Array(np.array(sizes, dtype=np.int64)))
+        put(VECTOR_LENGTH, Array(np.array([length], dtype=np.int64)))
+        put("fedqf.fingerprint", Array(np.frombuffer(fingerprint.encode("ascii"), dtype=np.uint8).copy()))
+        for key, value in (extra or {}).items():
+            put(key, Array(np.asarray(value)))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return record if writer is None else writer.finish()
 
 
 def is_encrypted(record: ArrayRecord) -> bool:
@@ -195,7 +215,10 @@ class DeferredArray(Array):
 
 
 def array_size(array: Array) -> int:
-    """Bytes an Array carries: for a DeferredArray, what its shape declares (nothing is pulled)."""
+    """Bytes an Array carries: for a DeferredArray, what its shape declares (nothing is pulled); for a StoredArray,
+    its size in its file (nothing is read)."""
+    if isinstance(array, StoredArray):
+        return array.nbytes
     return math.prod(array.shape) if isinstance(array, DeferredArray) else len(array.data)
 
 

@@ -84,22 +84,28 @@ def flower_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
 
 #: Buffers from this size up are mapped on their own and returned to the system when freed (see below).
 MMAP_THRESHOLD = 64 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
 
 
-def return_large_buffers_when_freed(threshold: int = MMAP_THRESHOLD) -> bool:
+def return_large_buffers_when_freed(threshold: int = MMAP_THRESHOLD, *, arenas: int | None = 1) -> bool:
     """Have glibc map every allocation of `threshold` bytes or more on its own, so that freeing it gives the memory
-    back to the system at once. Returns False where the C library is not glibc (nothing is changed).
+    back to the system at once, and keep at most `arenas` heaps (None: glibc's default, 8 per core). Returns False
+    where the C library is not glibc (nothing is changed).
 
     The coordinator's ServerApp allocates and frees one reply's worth of ciphertext-sized buffers (60-256 KiB)
     after another. glibc raises its mmap threshold each time a mapped buffer is freed, after which such buffers
     come from its heaps, where freed memory is kept and fragments: the process then held twice what it used
     (deployed, 1M parameters: 5.5x one update at its peak against 2.5x allocated). Setting the threshold fixes it.
+    The heaps: Flower pulls an object's parts on a pool of threads made afresh for every pull, and glibc gives
+    threads heaps of their own, up to 8 per core; each keeps what was freed in it, so what the process holds
+    grew with the cores and with the replies pulled. Python allocates under its one lock anyway.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
+        return False
+    if arenas is not None and not mallopt(_M_ARENA_MAX, int(arenas)):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -27,7 +28,7 @@ from fedqf.blocks import (
     seeded_initial_record,
 )
 from fedqf.checkpoint import DIRECTORY as CHECKPOINT_DIRECTORY
-from fedqf.checkpoint import Checkpoint, config_digest, load_aggregate, save_aggregate
+from fedqf.checkpoint import Checkpoint, aggregate_path, config_digest, load_aggregate, save_aggregate
 from fedqf.config import FederationConfig, PrivacyMode, SecureAggregationMode, dump_config, load_config
 from fedqf.crypto import key_fingerprint, load_public_context
 from fedqf.data import Dataset, simulate_federation_data
@@ -86,11 +87,11 @@ class ProgressRecorder(RunRecorder):
         log(INFO, "fedqf: round %d: %d/%d institutions trained%s", server_round, done, len(reports), eps_text)
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord) -> None:
+        if is_encrypted(arrays) or is_manifest(arrays):  # held from here on in its file, not in memory
+            arrays = save_aggregate(self.out_dir, server_round, arrays)
+            self.aggregate_rounds.add(server_round)
         self.latest_arrays = arrays
         self.latest_round = server_round
-        if is_encrypted(arrays) or is_manifest(arrays):
-            save_aggregate(self.out_dir, server_round, arrays)
-            self.aggregate_rounds.add(server_round)
 
     def checkpoint(self, completed_round: int, digest: str, rows: list[dict[str, Any]], *,
                    wall_seconds: float = 0.0) -> None:
@@ -303,6 +304,9 @@ def run_federation(grid: Grid, inputs: CoordinatorInputs) -> dict[str, Any]:
         max_update_norm=config.strategy.max_update_norm,
         max_update_bytes=update_size_limit(config, layout, encrypted_length),
         relay=relay,
+        # the aggregate goes straight to the run directory, and is read from there when it is sent (fedqf.stored)
+        aggregate_file=functools.partial(aggregate_path, recorder.out_dir) if secure is SecureAggregationMode.CKKS
+        else None,
     )
     strategy = load_strategy_class(config.strategy.name).from_config(config, setup=setup)
     log(INFO, "fedqf: %s: %d institutions, %d rounds, strategy %s, secure aggregation %s, privacy %s",

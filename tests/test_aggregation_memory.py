@@ -69,3 +69,53 @@ def test_the_deployed_coordinator_gives_freed_ciphertext_buffers_back_to_the_sys
         assert given_back_mib > 30  # of the 39 MiB freed
     else:
         assert given_back_mib < 10  # what the fix is for: kept by the allocator
+
+
+_HEAPS = """
+import ctypes
+import sys
+import tempfile
+import threading
+
+from fedqf.runtime import return_large_buffers_when_freed
+
+if sys.argv[1] == "fixed":
+    assert return_large_buffers_when_freed()
+start = threading.Barrier(4)
+
+
+def pull() -> None:  # as a thread of Flower's pull pool: a response's buffers, then gone
+    start.wait()
+    held = [bytes(bytearray(3000)) for _ in range(200)]
+    del held
+
+
+threads = [threading.Thread(target=pull) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    stream = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize("allocator", ["fixed", "glibc"])
+def test_the_deployed_coordinators_threads_share_one_heap(allocator: str) -> None:
+    # Flower pulls an object's parts on threads made afresh for every pull; glibc gives each thread a heap of its
+    # own (up to 8 per core), and each keeps what was freed in it.
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _HEAPS, allocator], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env=env)
+    heaps = int(out.stdout)
+    if allocator == "fixed":
+        assert heaps == 1
+    else:
+        assert heaps > 1  # what the fix is for

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from fedqf.checkpoint import Checkpoint, CheckpointError
+from fedqf.stored import StoredArray
 
 
 def test_checkpoint_round_trips_with_the_running_time(tmp_path: Path) -> None:
@@ -44,7 +45,9 @@ def test_aggregates_are_written_once_and_catch_up_reads_them_back(tmp_path: Path
         recorder.record_aggregate(r, aggregate(r))
         recorder.checkpoint(r, "abc", [{"round": r}])
         sizes.append(sum(p.stat().st_size for p in (tmp_path / "checkpoint").glob("records-*.bin")))
-    assert max(sizes) - min(sizes) < 1024  # a checkpoint holds the latest model, not every round's aggregate
+    # a checkpoint names the latest aggregate's file: it holds neither every round's aggregate nor the latest one
+    assert max(sizes) < 2**16
+    assert isinstance(recorder.latest_arrays[f"{CKKS_PREFIX}0"], StoredArray)  # held in its file, not in memory
     recorder.node_rounds[7] = 1  # institution 7 holds the model of round 1 and is asked for round 6
     extra = recorder.catch_up(7, 6)
     assert sorted(extra) == [f"fedqf.catchup.{r:06d}" for r in (2, 3, 4)]
@@ -54,6 +57,8 @@ def test_aggregates_are_written_once_and_catch_up_reads_them_back(tmp_path: Path
     # A resumed coordinator finds them on disk; a missing one is a clear error, not a silent gap.
     resumed = ProgressRecorder(tmp_path)
     resumed.restore(Checkpoint.load(tmp_path, digest="abc"))
+    assert resumed.latest_round == 5
+    np.testing.assert_array_equal(resumed.latest_arrays[f"{CKKS_PREFIX}0"].numpy(), 5)
     resumed.node_rounds[8] = 2
     assert sorted(resumed.catch_up(8, 6)) == [f"fedqf.catchup.{r:06d}" for r in (3, 4)]
     (tmp_path / "checkpoint" / "aggregate-000003.bin").unlink()
