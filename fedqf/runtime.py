@@ -107,7 +107,25 @@ def return_large_buffers_when_freed(threshold: int = MMAP_THRESHOLD, *, arenas: 
         return False
     if arenas is not None and not mallopt(_M_ARENA_MAX, int(arenas)):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    if not mallopt(_M_MMAP_THRESHOLD, int(threshold)):
+        return False
+    global _trim
+    _trim = libc.malloc_trim
+    return True
+
+
+_trim: Callable[[int], int] | None = None
+
+
+def give_back_freed_memory() -> None:
+    """In a process set up by `return_large_buffers_when_freed`, give the heap's free pages back to the system
+    (glibc's malloc_trim; elsewhere nothing). The deployed coordinator calls it once a reply has been consumed and
+    once each object of the aggregate is pushed: what a reply's smaller buffers (below the mmap threshold: the
+    HTTP client's, protobuf's, each chunk's metadata) left free in the heap otherwise stays resident, in holes
+    that later, differently sized buffers do not fill (at 100 institutions: 2.5x one update free in the heap at a
+    round's end)."""
+    if _trim is not None:
+        _trim(0)
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedqf.errors import FedqfError, InstitutionsMissingError, UpdateRejectedError
+from fedqf.runtime import give_back_freed_memory
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def _push(grid: Grid, messages: Iterable[Message]) -> list[str]:
             for object_id in [i for i in objects if i in wanted]:
                 push_object(object_id, objects.pop(object_id).deflate())  # raises ObjectPushError, as Flower's
                 gc.collect(1)  # what the request left in reference cycles, its bytes among them (see the pull)
+                give_back_freed_memory()
     except httpx.HTTPStatusError as exc:  # as Flower's push: a request too large is logged, nothing is pushed
         if exc.response.status_code != httpx.codes.REQUEST_ENTITY_TOO_LARGE:
             raise
@@ -311,6 +313,7 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
             del message
             confirm(message_id)
             unconfirmed = None
+            give_back_freed_memory()
     finally:
         # Stopped early (the round failed): the SuperLink took these replies off its list with PullMessages, so
         # they cannot be asked for again; confirming them lets it free their objects rather than keep them for

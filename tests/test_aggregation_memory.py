@@ -119,3 +119,42 @@ def test_the_deployed_coordinators_threads_share_one_heap(allocator: str) -> Non
         assert heaps == 1
     else:
         assert heaps > 1  # what the fix is for
+
+
+_TRIM = """
+import sys
+from pathlib import Path
+
+from fedqf.runtime import give_back_freed_memory, return_large_buffers_when_freed
+
+
+def rss_kib() -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS:"))
+
+
+if sys.argv[1] == "fixed":
+    assert return_large_buffers_when_freed()
+buffers, kept = [], []
+for _ in range(4000):
+    buffers.append(bytearray(6000))  # a reply's smaller buffers, below the mmap threshold
+    kept.append(bytearray(1024))  # and what outlives the reply, between them on the heap
+del buffers  # freed, in holes between the kept ones: resident until trimmed
+held = rss_kib()
+give_back_freed_memory()
+print((held - rss_kib()) / 1024)
+"""
+
+
+@pytest.mark.parametrize("allocator", ["fixed", "glibc"])
+def test_the_deployed_coordinator_gives_back_what_a_reply_left_free_in_the_heap(allocator: str) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _TRIM, allocator], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env=env)
+    given_back_mib = float(out.stdout)
+    if allocator == "fixed":
+        assert given_back_mib > 4  # of the 23 MiB freed: the whole pages inside the holes (7.5 MiB here)
+    else:
+        assert given_back_mib < 1  # only the deployed coordinator's process trims
