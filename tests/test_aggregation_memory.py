@@ -29,11 +29,11 @@ def test_peak_stays_under_three_updates_with_a_reply_released_before_it_is_added
     assert row["peak_mib"] < 2.6 * row["update_mib"]
 
 
-_GIVE_BACK = """
+_PRELUDE = """
 import sys
 from pathlib import Path
 
-from fedqf.runtime import return_large_buffers_when_freed
+from fedqf.runtime import give_back_freed_memory, return_large_buffers_when_freed
 
 
 def rss_kib() -> int:
@@ -43,6 +43,20 @@ def rss_kib() -> int:
 
 if sys.argv[1] == "fixed":
     assert return_large_buffers_when_freed()
+"""
+
+
+def _run(script: str, allocator: str) -> str:
+    """What `script` prints, run after _PRELUDE in a process of its own with glibc's own defaults (`allocator`
+    "fixed": set up as the deployed coordinator's ServerApp)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    return subprocess.run([sys.executable, "-c", _PRELUDE + script, allocator], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent, env=env).stdout
+
+
+_GIVE_BACK = """
 big = bytearray(8 << 20)
 del big  # a mapped buffer freed: glibc's own rule then raises its threshold above the buffers below
 buffers, kept = [], []
@@ -59,12 +73,7 @@ print((held - rss_kib()) / 1024)
 def test_the_deployed_coordinator_gives_freed_ciphertext_buffers_back_to_the_system(allocator: str) -> None:
     # Reply after reply, the ServerApp allocates and frees ciphertext-sized buffers; with glibc's own threshold
     # they come from its heap, which keeps what is freed, and the process held twice what it used.
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's own defaults
-    out = subprocess.run([sys.executable, "-c", _GIVE_BACK, allocator], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent, env=env)
-    given_back_mib = float(out.stdout)
+    given_back_mib = float(_run(_GIVE_BACK, allocator))
     if allocator == "fixed":
         assert given_back_mib > 30  # of the 39 MiB freed
     else:
@@ -73,14 +82,9 @@ def test_the_deployed_coordinator_gives_freed_ciphertext_buffers_back_to_the_sys
 
 _HEAPS = """
 import ctypes
-import sys
 import tempfile
 import threading
 
-from fedqf.runtime import return_large_buffers_when_freed
-
-if sys.argv[1] == "fixed":
-    assert return_large_buffers_when_freed()
 start = threading.Barrier(4)
 
 
@@ -109,12 +113,7 @@ with tempfile.NamedTemporaryFile(suffix=".xml") as out:
 def test_the_deployed_coordinators_threads_share_one_heap(allocator: str) -> None:
     # Flower pulls an object's parts on threads made afresh for every pull; glibc gives each thread a heap of its
     # own (up to 8 per core), and each keeps what was freed in it.
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _HEAPS, allocator], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent, env=env)
-    heaps = int(out.stdout)
+    heaps = int(_run(_HEAPS, allocator))
     if allocator == "fixed":
         assert heaps == 1
     else:
@@ -122,19 +121,6 @@ def test_the_deployed_coordinators_threads_share_one_heap(allocator: str) -> Non
 
 
 _TRIM = """
-import sys
-from pathlib import Path
-
-from fedqf.runtime import give_back_freed_memory, return_large_buffers_when_freed
-
-
-def rss_kib() -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmRSS:"))
-
-
-if sys.argv[1] == "fixed":
-    assert return_large_buffers_when_freed()
 buffers, kept = [], []
 for _ in range(4000):
     buffers.append(bytearray(6000))  # a reply's smaller buffers, below the mmap threshold
@@ -148,12 +134,7 @@ print((held - rss_kib()) / 1024)
 
 @pytest.mark.parametrize("allocator", ["fixed", "glibc"])
 def test_the_deployed_coordinator_gives_back_what_a_reply_left_free_in_the_heap(allocator: str) -> None:
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _TRIM, allocator], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent, env=env)
-    given_back_mib = float(out.stdout)
+    given_back_mib = float(_run(_TRIM, allocator))
     if allocator == "fixed":
         assert given_back_mib > 4  # of the 23 MiB freed: the whole pages inside the holes (7.5 MiB here)
     else:
