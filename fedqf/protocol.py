@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedqf.crypto import ChunkSource, EncryptedVector
 from fedqf.errors import UpdateRejectedError
-from fedqf.stored import RecordWriter, StoredArray
+from fedqf.stored import RecordWriter, stored_size
 
 ARRAYS = "arrays"  # Flower strategies' default ArrayRecord key
 METRICS = "metrics"
@@ -217,9 +217,7 @@ class DeferredArray(Array):
 def array_size(array: Array) -> int:
     """Bytes an Array carries: for a DeferredArray, what its shape declares (nothing is pulled); for a StoredArray,
     its size in its file (nothing is read)."""
-    if isinstance(array, StoredArray):
-        return array.nbytes
-    return math.prod(array.shape) if isinstance(array, DeferredArray) else len(array.data)
+    return math.prod(array.shape) if isinstance(array, DeferredArray) else stored_size(array)
 
 
 def _array_bytes(key: str, array: Array) -> bytes:

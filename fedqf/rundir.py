@@ -52,11 +52,16 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, *, mode: int = 0o64
         Path(tmp).unlink(missing_ok=True)
         raise
     # The rename itself must survive a power loss too (a recorded privacy spend, a checkpoint).
-    directory = os.open(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync `directory`: a rename into it survives a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:

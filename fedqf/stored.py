@@ -77,6 +77,12 @@ def _chunk_id(data: bytes | memoryview) -> str:
     return get_object_id(add_header_to_object_body(object_body=data, obj=_PLAIN_CHUNK))
 
 
+def _chunk_ids(data: bytes | memoryview) -> list[str]:
+    """The ids of the ArrayChunks Flower cuts `data` into."""
+    view = memoryview(data)
+    return [_chunk_id(view[start : start + length]) for start, length in _chunk_spans(len(view))]
+
+
 class _StoredChunk(ArrayChunk):
     """An ArrayChunk of a StoredArray: its bytes are read from the file when it is deflated (sent)."""
 
@@ -95,9 +101,6 @@ class _StoredChunk(ArrayChunk):
     def object_id(self) -> str:
         return str(self.__dict__["_object_id"])
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ArrayChunk, (memoryview(bytes(self.data)),))
-
     def deflate(self) -> bytes:
         content = add_header_to_object_body(object_body=self.data, obj=_PLAIN_CHUNK)
         if get_object_id(content) != self.object_id:
@@ -114,7 +117,7 @@ class StoredArray(Array):
     """An Array of bytes that stay in a file (see the module's doc): `data` reads them, anew on every access."""
 
     def __init__(self, *, file: _File, offset: int, size: int, dtype: str, shape: tuple[int, ...], stype: str,
-                 chunk_ids: list[str] | None = None) -> None:
+                 chunk_ids: list[str]) -> None:
         super().__init__(dtype=dtype, shape=shape, stype=stype, data=b"")
         self.__dict__.update(_file=file, _offset=offset, _size=size, _chunk_ids=chunk_ids)
 
@@ -122,11 +125,9 @@ class StoredArray(Array):
     def data(self) -> bytes:
         file: _File = self.__dict__["_file"]
         data = file.read(self.__dict__["_offset"], self.nbytes)
-        view = memoryview(data)
-        for (start, length), (chunk_id, _) in zip(_chunk_spans(self.nbytes), self.slice_array(), strict=True):
-            if _chunk_id(view[start : start + length]) != chunk_id:
-                raise StoredRecordError(f"{file.path}: the bytes at offset {self.__dict__['_offset'] + start} changed "
-                                        "since they were written; expected the file as the coordinator wrote it")
+        if _chunk_ids(data) != self.__dict__["_chunk_ids"]:
+            raise StoredRecordError(f"{file.path}: the bytes at offset {self.__dict__['_offset']} changed since they "
+                                    "were written; expected the file as the coordinator wrote it")
         return data
 
     @data.setter
@@ -150,16 +151,13 @@ class StoredArray(Array):
         return self
 
     def slice_array(self) -> list[tuple[str, Any]]:
-        """Flower's ArrayChunks of these bytes, as StoredChunks; their ids read and hash the bytes, a chunk at a
-        time, if they were not given."""
-        if "_chunks" in self.__dict__:
-            return list(self.__dict__["_chunks"])
-        file, offset = self.__dict__["_file"], self.__dict__["_offset"]
-        spans = _chunk_spans(self.nbytes)
-        ids: list[str] = self.__dict__["_chunk_ids"] or [_chunk_id(file.read(offset + s, n)) for s, n in spans]
-        chunks = [(i, _StoredChunk(file, offset + s, n, i)) for (s, n), i in zip(spans, ids, strict=True)]
-        self.__dict__["_chunks"] = chunks
-        return list(chunks)
+        """Flower's ArrayChunks of these bytes, as StoredChunks (nothing is read)."""
+        if "_chunks" not in self.__dict__:
+            file, offset = self.__dict__["_file"], self.__dict__["_offset"]
+            self.__dict__["_chunks"] = [
+                (i, _StoredChunk(file, offset + s, n, i))
+                for (s, n), i in zip(_chunk_spans(self.nbytes), self.__dict__["_chunk_ids"], strict=True)]
+        return list(self.__dict__["_chunks"])
 
     def deflate(self) -> bytes:
         """What Flower's Array of these bytes deflates to (its metadata and its chunks' ids; no bytes are read)."""
@@ -215,25 +213,23 @@ class RecordWriter:
                 ids.append(_chunk_id(piece))
                 self._handle.write(piece)
         else:
-            data = memoryview(array.data)
-            ids = [_chunk_id(data[start : start + length]) for start, length in _chunk_spans(size)]
+            data = array.data
+            ids = _chunk_ids(data)
             self._handle.write(data)
         self._index.append({"key": key, "dtype": array.dtype, "shape": list(array.shape), "stype": array.stype,
                             "offset": self._offset, "size": size, "store": store, "chunk_ids": ids})
         self._offset += size
 
     def finish(self) -> ArrayRecord:
+        from fedqf.rundir import sync_directory  # here: fedqf.rundir imports fedqf.protocol, which imports this
+
         index = json.dumps({"arrays": self._index}).encode()
         self._handle.write(index + len(index).to_bytes(8, "little") + END)
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
         os.replace(self._tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        sync_directory(self.path.parent)
         return read_record(self.path)
 
     def abort(self) -> None:
@@ -288,7 +284,7 @@ def read_record(path: Path) -> ArrayRecord:
                                                         shape=shape, stype=str(entry["stype"]), chunk_ids=ids)
             else:
                 data = file.read(offset, nbytes)
-                if [_chunk_id(memoryview(data)[s : s + n]) for s, n in _chunk_spans(nbytes)] != ids:
+                if _chunk_ids(data) != ids:
                     raise ValueError(f"the bytes of '{entry['key']}' changed since they were written")
                 record[str(entry["key"])] = Array(dtype=str(entry["dtype"]), shape=shape, stype=str(entry["stype"]),
                                                   data=data)
