@@ -9,6 +9,10 @@ it leaves out is training: an institution's update is `bench-params` quantized r
 institution and the round), packed and encrypted under the federation's key as fedqf's institutions do, so that
 100 institutions fit one host.
 
+With `bench-warm-up` > 0, a round 0 with updates of that many parameters goes first, not counted: the first use of
+SEAL, zstd, Flower's HTTP client and thread pools in the process is then in the baseline of round 1, as it is in
+that of every later round.
+
 Before every round the ServerApp gives freed memory back to the system (`malloc_trim`), resets its own VmHWM
 (`/proc/self/clear_refs`) and reads its VmRSS; after the aggregate is sent it reads VmHWM again. The difference is
 the coordinator's peak during the round above its baseline, written to `bench-out` with the size of one update,
@@ -60,10 +64,11 @@ def _quantized(index: int, server_round: int, length: int, scheme: PackingScheme
     return scheme.quantize(rng.uniform(-VALUE_BOUND, VALUE_BOUND, length), rng)
 
 
-def _round_of(message: Message) -> int:
+def _round_of(message: Message) -> tuple[int, int]:
+    """The round an instruction is for and the number of parameters its updates have."""
     config = message.content["config"]
     assert isinstance(config, ConfigRecord)
-    return int(config["round"])  # type: ignore[arg-type]
+    return int(config["round"]), int(config["params"])  # type: ignore[arg-type]
 
 
 client = ClientApp()
@@ -74,8 +79,8 @@ def _encrypt(message: Message, context: Context) -> Message:
     secret = load_private_context(Path(_setting(context, "secret-context")).read_bytes())
     scheme = _scheme(context, CkksParameters.from_context(secret))
     index = int(context.node_config["partition-id"])
-    params = int(_setting(context, "params"))
-    encrypted = encrypt_integers(secret, scheme.pack(_quantized(index, _round_of(message), params, scheme)))
+    server_round, params = _round_of(message)
+    encrypted = encrypt_integers(secret, scheme.pack(_quantized(index, server_round, params, scheme)))
     content = RecordDict({
         ARRAYS: encrypted_to_record(encrypted),
         METRICS: MetricRecord({"num-examples": 1000, "weight": WEIGHT, "train-loss": 0.0,
@@ -89,11 +94,10 @@ def _encrypt(message: Message, context: Context) -> Message:
 def _decrypt(message: Message, context: Context) -> Message:
     secret = load_private_context(Path(_setting(context, "secret-context")).read_bytes())
     scheme = _scheme(context, CkksParameters.from_context(secret))
-    params = int(_setting(context, "params"))
+    server_round, params = _round_of(message)
     record = message.content[ARRAYS]
     assert isinstance(record, ArrayRecord)
     sums = scheme.unpack(decrypt_integers(secret, record_to_encrypted(record)), params)
-    server_round = _round_of(message)
     expected = sum(_quantized(k, server_round, params, scheme) for k in range(int(_setting(context, "institutions"))))
     mismatches = int(np.count_nonzero(sums != expected))
     return Message(RecordDict({METRICS: MetricRecord({"mismatches": mismatches})}), reply_to=message)
@@ -136,17 +140,20 @@ def _main(grid: Grid, context: Context) -> None:
     public = load_public_context(Path(_setting(context, "public-context")).read_bytes())
     ckks = CkksParameters.from_context(public)
     scheme = _scheme(context, ckks)
-    length = scheme.slots_needed(params)
-    chunks = -(-length // ckks.values_per_ciphertext)
-    setup = AggregationSetup(
-        mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((params,),)),
-        min_institutions=institutions, public_context=public, fingerprint=key_fingerprint(public),
-        encrypted_length=length,
-        max_update_bytes=2 * chunks * (ckks.poly_modulus_degree * (len(ckks.coeff_mod_bit_sizes) - 1) * 8 + 512)
-        + SIZE_MARGIN,  # fedqf.aggregation.update_size_limit's rule
-        # as fedqf's coordinator: the aggregate is drained into its file and sent from there (fedqf.stored)
-        aggregate_file=(lambda r: Path(_setting(context, "out")).parent / f"aggregate-{r:06d}.bin")
-        if _setting(context, "aggregate") == "file" else None)
+
+    def setup_for(size: int) -> AggregationSetup:
+        length = scheme.slots_needed(size)
+        chunks = -(-length // ckks.values_per_ciphertext)
+        return AggregationSetup(
+            mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((size,),)),
+            min_institutions=institutions, public_context=public, fingerprint=key_fingerprint(public),
+            encrypted_length=length,
+            max_update_bytes=2 * chunks * (ckks.poly_modulus_degree * (len(ckks.coeff_mod_bit_sizes) - 1) * 8 + 512)
+            + SIZE_MARGIN,  # fedqf.aggregation.update_size_limit's rule
+            # as fedqf's coordinator: the aggregate is drained into its file and sent from there (fedqf.stored)
+            aggregate_file=(lambda r: Path(_setting(context, "out")).parent / f"aggregate-{r:06d}.bin")
+            if _setting(context, "aggregate") == "file" else None)
+
     # as fedqf's coordinator: a reply that does not come by the deadline (a SuperNode whose push failed) is asked
     # for again; one reply pulled at a time
     streaming = StreamingGrid(grid, policy=RoundPolicy(min_replies=institutions, retries=3))
@@ -161,10 +168,11 @@ def _main(grid: Grid, context: Context) -> None:
         time.sleep(0.5)
     nodes = sorted(grid.get_node_ids())
     libc = ctypes.CDLL("libc.so.6")
-    rounds: list[dict[str, float]] = []
-    update_bytes = 0
-    for server_round in range(1, int(_setting(context, "rounds")) + 1):
-        config = ConfigRecord({"round": server_round})
+
+    def one_round(server_round: int, size: int) -> dict[str, object]:
+        """Send the round's instructions, sum the updates as they come, send the aggregate back; measured."""
+        setup = setup_for(size)
+        config = ConfigRecord({"round": server_round, "params": size})
         libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = _status_kib()
@@ -200,19 +208,31 @@ def _main(grid: Grid, context: Context) -> None:
         after, heap_after = _status_kib(), _heap_kib(libc)
         traced_peak = tracemalloc.get_traced_memory()[1] - traced_base
         tracemalloc.stop()
-        rounds.append({
-            "round": server_round, "baseline_rss_kib": before["VmRSS"], "baseline_anon_kib": before["RssAnon"],
+        print(f"round {server_round}: {institutions} updates of {size} parameters summed in {summed - started:.1f} s; "
+              f"coordinator peak {(after['VmHWM'] - before['VmRSS']) / 1024:.1f} MiB above "
+              f"{before['VmRSS'] / 1024:.0f} MiB (Python peak {traced_peak / 2**20:.1f} MiB); {mismatches} mismatches",
+              flush=True)
+        return {
+            "round": server_round, "params": size, "update_bytes": update_bytes,
+            "baseline_rss_kib": before["VmRSS"], "baseline_anon_kib": before["RssAnon"],
             "peak_to_sum_kib": after_sum["VmHWM"] - before["VmRSS"], "peak_kib": after["VmHWM"] - before["VmRSS"],
             "python_peak_kib": traced_peak / 1024, "python_peak_to_sum_kib": traced_to_sum / 1024,
             "collect_and_sum_seconds": summed - started, "round_seconds": time.perf_counter() - started,
             "heap_after_sum_kib": heap_after_sum, "heap_after_kib": heap_after, "threads": after["Threads"],
-            "mismatches": mismatches, "undelivered": undelivered, "monotonic_start": since, "monotonic_end": time.monotonic(),
-        })
-        print(f"round {server_round}: {institutions} updates summed in {summed - started:.1f} s; coordinator peak "
-              f"{(after['VmHWM'] - before['VmRSS']) / 1024:.1f} MiB above {before['VmRSS'] / 1024:.0f} MiB "
-              f"(Python peak {traced_peak / 2**20:.1f} MiB); "
-              f"{mismatches} mismatches", flush=True)
+            "mismatches": mismatches, "undelivered": undelivered, "monotonic_start": since,
+            "monotonic_end": time.monotonic(),
+        }
+
+    result: dict[str, object] = {
+        "params": params, "institutions": institutions, "update_bytes": 0,
+        "chunks": -(-scheme.slots_needed(params) // ckks.values_per_ciphertext),
+        "values_per_coefficient": scheme.values_per_slot, "rounds": []}
+    warm_up = int(_setting(context, "warm-up"))
+    if warm_up:  # round 0: the same path with updates of `warm_up` parameters, not counted
+        result["warm_up"] = one_round(0, warm_up)
+    rounds: list[dict[str, object]] = []
+    for server_round in range(1, int(_setting(context, "rounds")) + 1):
+        rounds.append(one_round(server_round, params))
         # written after every round, so that a run cut short keeps what it measured
-        Path(_setting(context, "out")).write_text(json.dumps({
-            "params": params, "institutions": institutions, "update_bytes": update_bytes, "chunks": chunks,
-            "values_per_coefficient": scheme.values_per_slot, "rounds": rounds}, indent=2))
+        result.update(rounds=rounds, update_bytes=max(int(r["update_bytes"]) for r in rounds))  # type: ignore[call-overload]
+        Path(_setting(context, "out")).write_text(json.dumps(result, indent=2))
