@@ -4,7 +4,8 @@ runtime, with institutions that only encrypt (issue 4).
 The ServerApp runs what fedqf's coordinator runs on every training round: `fedqf.stream.StreamingGrid` hands the
 replies over as they arrive, `fedqf.aggregation.aggregate_train_replies` checks each and adds it into the running
 sum, which is drained into the round's aggregate file (`bench-aggregate` "memory": into an ArrayRecord held in
-memory, as fedqf did before), and the aggregate goes back to every institution, which decrypts it and checks it against the exact sum. What
+memory, as fedqf did before), and the aggregate goes back to every institution, which decrypts it and checks its
+share of the values against the exact sum (together the institutions check every value once). What
 it leaves out is training: an institution's update is `bench-params` quantized random values (seeded by the
 institution and the round), packed and encrypted under the federation's key as fedqf's institutions do, so that
 100 institutions fit one host.
@@ -59,9 +60,14 @@ def _scheme(context: Context, params: CkksParameters) -> PackingScheme:
                                 max_contributors=int(_setting(context, "headroom")), value_bound=VALUE_BOUND)
 
 
-def _quantized(index: int, server_round: int, length: int, scheme: PackingScheme) -> np.ndarray:
-    rng = np.random.default_rng([index, server_round])
-    return scheme.quantize(rng.uniform(-VALUE_BOUND, VALUE_BOUND, length), rng)
+BLOCK = 1 << 16  # values drawn from one seed: any block of an update can be drawn again alone
+
+
+def _quantized(index: int, server_round: int, length: int, scheme: PackingScheme, block: int) -> np.ndarray:
+    """Block `block` of institution `index`'s update of round `server_round` (`length` values in all)."""
+    rng = np.random.default_rng([index, server_round, block])
+    size = min(BLOCK, length - block * BLOCK)
+    return scheme.quantize(rng.uniform(-VALUE_BOUND, VALUE_BOUND, size), rng)
 
 
 def _round_of(message: Message) -> tuple[int, int]:
@@ -80,7 +86,8 @@ def _encrypt(message: Message, context: Context) -> Message:
     scheme = _scheme(context, CkksParameters.from_context(secret))
     index = int(context.node_config["partition-id"])
     server_round, params = _round_of(message)
-    encrypted = encrypt_integers(secret, scheme.pack(_quantized(index, server_round, params, scheme)))
+    update = np.concatenate([_quantized(index, server_round, params, scheme, b) for b in range(-(-params // BLOCK))])
+    encrypted = encrypt_integers(secret, scheme.pack(update))
     content = RecordDict({
         ARRAYS: encrypted_to_record(encrypted),
         METRICS: MetricRecord({"num-examples": 1000, "weight": WEIGHT, "train-loss": 0.0,
@@ -98,8 +105,12 @@ def _decrypt(message: Message, context: Context) -> Message:
     record = message.content[ARRAYS]
     assert isinstance(record, ArrayRecord)
     sums = scheme.unpack(decrypt_integers(secret, record_to_encrypted(record)), params)
-    expected = sum(_quantized(k, server_round, params, scheme) for k in range(int(_setting(context, "institutions"))))
-    mismatches = int(np.count_nonzero(sums != expected))
+    # each institution checks its share of the blocks against the exact sum: together, every value once
+    institutions, index = int(_setting(context, "institutions")), int(context.node_config["partition-id"])
+    mismatches = 0
+    for block in range(index, -(-params // BLOCK), institutions):
+        expected = sum(_quantized(k, server_round, params, scheme, block) for k in range(institutions))
+        mismatches += int(np.count_nonzero(sums[block * BLOCK:(block + 1) * BLOCK] != expected))
     return Message(RecordDict({METRICS: MetricRecord({"mismatches": mismatches})}), reply_to=message)
 
 

@@ -489,10 +489,10 @@ def test_with_every_institution_required_a_restarted_institution_still_contribut
 
 
 def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> None:
-    """Two daemons, a 74k-parameter model whose encrypted update is 10 ciphertexts, blocks of 2: the institutions
+    """Two daemons, a 43k-parameter model whose encrypted update is 6 ciphertexts, blocks of 2: the institutions
     encrypt into block files in their state directories, the coordinator sums block by block through the SuperLink,
     delivers the aggregate in blocks, and one institution releases the final model in blocks."""
-    overrides = ["--set", "federation.institutions=2", "--set", "federation.rounds=2", "--set", "model.hidden=[256,256]",
+    overrides = ["--set", "federation.institutions=2", "--set", "federation.rounds=2", "--set", "model.hidden=[192,192]",
                  "--set", "secure_aggregation.block_mib=0.25"]
     port = free_port()
     out = material / "blocks-run"
@@ -510,12 +510,12 @@ def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> No
     finally:
         kill(coordinator, *institutions)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and summary["ckks"]["blocks"] == 5
+    assert summary["rounds_completed"] == 2 and summary["ckks"]["blocks"] == 3
     assert summary["final_accuracy"] >= 0.85
     rows = read_csv(out / "institutions.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     log = (material / "blocks-coordinator.log").read_text()
-    assert "travel in 5 blocks" in log and "aggregate of round 1 sent in 5 blocks to 2 institution(s)" in log
+    assert "travel in 3 blocks" in log and "aggregate of round 1 sent in 3 blocks to 2 institution(s)" in log
     for i in range(2):  # each daemon keeps only the update it sent last, in its own state directory, 0600
         files = list((material / f"blocks-state{i}" / "blocks").iterdir())
         assert files and all(p.name.startswith(("update-000002-", "aggregate-")) for p in files)
@@ -524,7 +524,7 @@ def test_a_deployed_federation_moves_its_updates_in_blocks(material: Path) -> No
     import torch
 
     weights = torch.load(out / "model.pt")
-    assert sum(t.numel() for t in weights.values()) == 30 * 256 + 256 + 256 * 256 + 256 + 256 * 2 + 2
+    assert sum(t.numel() for t in weights.values()) == 30 * 192 + 192 + 192 * 192 + 192 + 192 * 2 + 2
 
 
 def test_a_supernode_that_hangs_after_its_session_is_refused_is_found_stuck(tmp_path: Path) -> None:
