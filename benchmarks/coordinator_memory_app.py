@@ -152,9 +152,12 @@ def _main(grid: Grid, context: Context) -> None:
     ckks = CkksParameters.from_context(public)
     scheme = _scheme(context, ckks)
 
+    def ciphertexts(size: int) -> int:
+        return -(-scheme.slots_needed(size) // ckks.values_per_ciphertext)
+
     def setup_for(size: int) -> AggregationSetup:
         length = scheme.slots_needed(size)
-        chunks = -(-length // ckks.values_per_ciphertext)
+        chunks = ciphertexts(size)
         return AggregationSetup(
             mode=SecureAggregationMode.CKKS, layout=ParameterLayout(("w",), ((size,),)),
             min_institutions=institutions, public_context=public, fingerprint=key_fingerprint(public),
@@ -236,7 +239,7 @@ def _main(grid: Grid, context: Context) -> None:
 
     result: dict[str, object] = {
         "params": params, "institutions": institutions, "update_bytes": 0,
-        "chunks": -(-scheme.slots_needed(params) // ckks.values_per_ciphertext),
+        "chunks": ciphertexts(params),
         "values_per_coefficient": scheme.values_per_slot, "rounds": []}
     warm_up = int(_setting(context, "warm-up"))
     if warm_up:  # round 0: the same path with updates of `warm_up` parameters, not counted
