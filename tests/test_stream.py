@@ -359,12 +359,14 @@ class _SuperLinkApi:
         self.held = {m.metadata.message_id: set(get_all_nested_objects(m)) for m in replies}
         self.log: list[str] = []
         self.confirmed: list[str] = []
+        self.asked: list[list[str]] = []  # the message ids of each PullMessages request
 
     def PullMessages(self, request):  # type: ignore[no-untyped-def]
         from flwr.common.serde import message_to_proto
         from flwr.proto.runtime_pb2 import PullAppMessagesResponse
         from flwr.supercore.inflatable.inflatable_object import get_object_tree
 
+        self.asked.append(list(request.message_ids))
         found = [self.replies.pop(i) for i in request.message_ids if i in self.replies]
         return PullAppMessagesResponse(messages_list=[message_to_proto(m) for m in found],
                                        message_object_trees=[get_object_tree(m) for m in found])
@@ -524,18 +526,28 @@ def test_a_reply_whose_objects_do_not_inflate_is_an_error_reply_and_the_others_g
 
 
 class _PushApi:
-    """The SuperLink's side of a push: it asks for every object and keeps each one's hash (not its bytes, which
-    would count as the coordinator's memory) and how many came."""
+    """The SuperLink's side of a push: as its object store, it asks for every object it does not hold yet, and keeps
+    each one's hash (not its bytes, which would count as the coordinator's memory), how many came and how many
+    messages each request carried. With `refuse_from`, that request and the later ones are too large (HTTP 413)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refuse_from: int | None = None) -> None:
         self.stored: dict[str, bytes] = {}
         self.order: list[str] = []
+        self.requests: list[int] = []
+        self.refuse_from = refuse_from
 
     def PushMessages(self, request):  # type: ignore[no-untyped-def]
+        import httpx
         from flwr.proto.runtime_pb2 import PushAppMessagesResponse
         from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 
-        wanted = [t.object_id for tree in request.message_object_trees for t in iterate_object_tree(tree)]
+        self.requests.append(len(request.messages_list))
+        if self.refuse_from is not None and len(self.requests) > self.refuse_from:
+            url = "http://127.0.0.1:9091/v1/push-messages"
+            raise httpx.HTTPStatusError("too large", request=httpx.Request("POST", url),
+                                        response=httpx.Response(413, request=httpx.Request("POST", url)))
+        wanted = list(dict.fromkeys(t.object_id for tree in request.message_object_trees
+                                    for t in iterate_object_tree(tree) if t.object_id not in self.stored))
         return PushAppMessagesResponse(message_ids=[m.metadata.message_id for m in request.messages_list],
                                        objects_to_push=wanted, session_id="s")
 
@@ -552,7 +564,7 @@ def test_the_aggregate_is_pushed_without_serializing_it_whole_first() -> None:
     # to the institutions would be held twice. fedqf's push sends the same objects, a few serialized at a time.
     import tracemalloc
 
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from fedqf.stream import _push
@@ -565,13 +577,7 @@ def test_the_aggregate_is_pushed_without_serializing_it_whole_first() -> None:
         api = _PushApi()
 
         grid = _deployed_grid(api)
-        messages = []
-        for node in (11, 12, 13):
-            message = Message(RecordDict({"arrays": aggregate, "config": ConfigRecord({"round": 1})}),
-                              dst_node_id=node, message_type=MessageType.EVALUATE)
-            message.metadata.__dict__["_run_id"] = 7
-            message.metadata.ttl = 600.0
-            messages.append(message)
+        messages = _evaluate_messages(aggregate, (11, 12, 13))
         tracemalloc.start()
         start = tracemalloc.get_traced_memory()[0]
         ids = _push(grid, messages) if name == "fedqf" else grid.push_messages(messages)
@@ -588,6 +594,72 @@ def test_the_aggregate_is_pushed_without_serializing_it_whole_first() -> None:
     # lets Flower's push threads free some of them sooner)
     assert peaks["flower"] > 0.6 * total
     assert peaks["fedqf"] < 0.3 * total
+
+
+def _evaluate_messages(record: Any, nodes: Iterable[int]) -> list[Message]:
+    messages = []
+    for node in nodes:
+        message = Message(RecordDict({"arrays": record, "config": ConfigRecord({"round": 1})}),
+                          dst_node_id=node, message_type=MessageType.EVALUATE)
+        message.metadata.__dict__["_run_id"] = 7
+        message.metadata.ttl = 600.0
+        messages.append(message)
+    return messages
+
+
+def test_many_institutions_messages_are_pushed_a_few_per_request() -> None:
+    # One PushMessages request holds each of its messages' object trees (a node per Array and chunk), copied while
+    # it is built and serialized: with every institution's message in one request, the coordinator's memory would
+    # grow with their number. The aggregate the messages share still goes once.
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedqf.stream import MESSAGES_PER_REQUEST, _push
+
+    aggregate = ArrayRecord({f"g{k}": Array(dtype="bytes", shape=(64,), stype="raw", data=bytes([k]) * 64)
+                             for k in range(33)})
+    messages = _evaluate_messages(aggregate, range(100, 100 + 3 * MESSAGES_PER_REQUEST + 3))
+    api = _PushApi()
+    ids = _push(_deployed_grid(api), messages)
+    assert ids == [m.object_id for m in messages]
+    assert api.requests == [MESSAGES_PER_REQUEST] * 3 + [3]
+    expected = {oid: hashlib.sha256(obj.deflate()).hexdigest()
+                for m in messages for oid, obj in get_all_nested_objects(m).items()}
+    assert api.stored == expected
+    assert len(api.order) == len(expected)  # the shared aggregate's objects once, not once per request
+
+
+def test_a_refused_push_request_leaves_its_messages_unsent_and_the_earlier_ones_sent() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from fedqf.stream import MESSAGES_PER_REQUEST, _push
+
+    messages = _evaluate_messages(ArrayRecord({"g": Array(dtype="bytes", shape=(8,), stype="raw", data=b"x" * 8)}),
+                                  range(100, 100 + 2 * MESSAGES_PER_REQUEST))
+    api = _PushApi(refuse_from=1)
+    ids = _push(_deployed_grid(api), messages)
+    assert ids[:MESSAGES_PER_REQUEST] == [m.object_id for m in messages[:MESSAGES_PER_REQUEST]]
+    assert ids[MESSAGES_PER_REQUEST:] == [""] * MESSAGES_PER_REQUEST  # aligned with the messages: the window asks the next ones
+
+
+def test_replies_are_asked_for_a_few_per_request_and_a_missing_one_holds_up_no_other() -> None:
+    # A PullMessages response holds the object tree of every reply it returns: asked for all institutions' replies
+    # at once, the coordinator would hold a tree per institution. Asked a few at a time, every reply that is in
+    # still comes in one pass, whichever of the ids asked with it are not in yet.
+    import numpy as np
+    from flwr.app import Array
+
+    from fedqf.stream import MESSAGES_PER_REQUEST, _pull_one_at_a_time
+
+    count = 3 * MESSAGES_PER_REQUEST + 2
+    replies = [_reply_with_arrays({"w": Array(np.full(4, k, dtype=np.float32))}, reply_to=f"i{k}", src=k + 1)
+               for k in range(count) if k % MESSAGES_PER_REQUEST != 0]  # the first of every request: not in yet
+    api = _SuperLinkApi(replies)
+    wanted = [f"i{k}" for k in range(count)]
+    seen = [m.metadata.reply_to_message_id for m in _pull_one_at_a_time(_deployed_grid(api), wanted)]
+    assert seen == [m.metadata.reply_to_message_id for m in replies]
+    assert [len(ids) for ids in api.asked] == [MESSAGES_PER_REQUEST] * 3 + [2]
+    assert [i for ids in api.asked for i in ids] == wanted  # each asked for once in the pass
 
 
 def test_what_a_pull_leaves_in_reference_cycles_does_not_pile_up_over_a_round() -> None:
