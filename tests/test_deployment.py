@@ -356,7 +356,7 @@ def test_a_coordinator_outlives_its_serverapp_then_resumes_after_its_own_crash(m
     again with --resume. No round is lost or repeated, and no institution spends its budget twice."""
     from fedqf.runtime import descendants
 
-    overrides = ["--set", "federation.rounds=4", "--set", "federation.round_timeout=30"]
+    overrides = ["--set", "federation.rounds=3", "--set", "federation.round_timeout=30"]
     port = free_port()
     out = material / "resumed-run"
     log1, log2 = material / "resume-coordinator1.log", material / "resume-coordinator2.log"
@@ -393,20 +393,20 @@ def test_a_coordinator_outlives_its_serverapp_then_resumes_after_its_own_crash(m
         kill(coordinator, *institutions)
     assert "resuming after round 2" in log2.read_text()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 4
+    assert summary["rounds_completed"] == 3
     # wall_seconds: the first start's time up to its checkpoint plus the second start's, never the downtime.
     assert before_kill > 0
     assert before_kill < summary["wall_seconds"] <= before_kill + second_run
     history = read_csv(out / "history.csv")
-    assert [int(r["round"]) for r in history] == [1, 2, 3, 4]
+    assert [int(r["round"]) for r in history] == [1, 2, 3]
     assert all(r["accuracy"] for r in history)  # the rounds before the crash keep their validation scores
     rows = read_csv(out / "institutions.csv")
     per_round = [(r["institution"], r["round"]) for r in rows]
-    assert len(per_round) == len(set(per_round)) == 12  # every institution once per round: nothing lost or repeated
+    assert len(per_round) == len(set(per_round)) == 9  # every institution once per round: nothing lost or repeated
     assert {r["status"] for r in rows} == {"ok"}
     assert not (out / "checkpoint").exists()
     for name in ("hospital-0", "hospital-1", "hospital-2"):
-        # The budget recorded by the institution equals the four rounds the run used: none spent twice.
+        # The budget recorded by the institution equals the three rounds the run used: none spent twice.
         state = json.loads((material / f"resume-state{int(name[-1])}" / "state.json").read_text())
         ledger_steps = sum(state["ledger"]["steps"])
         assert ledger_steps == sum(int(r["steps"]) for r in rows if r["institution"] == name)
@@ -455,7 +455,7 @@ def test_a_dropped_institution_is_left_out_then_catches_up(material: Path) -> No
 def test_with_every_institution_required_a_restarted_institution_still_contributes(material: Path) -> None:
     """min_institutions = all: kill one of three after round 1 and restart it at once; the round waits (sending
     the instruction again once it is back, retrying past the deadline) and every round aggregates all three."""
-    overrides = ["--set", "federation.rounds=4", "--set", "federation.min_institutions=3",
+    overrides = ["--set", "federation.rounds=3", "--set", "federation.min_institutions=3",
                  "--set", "federation.round_timeout=20", "--set", "federation.round_retries=10"]
     port = free_port()
     out = material / "wait-run"
@@ -479,10 +479,10 @@ def test_with_every_institution_required_a_restarted_institution_still_contribut
     finally:
         kill(coordinator, *institutions)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 4 and summary["stopped_reason"] is None
+    assert summary["rounds_completed"] == 3 and summary["stopped_reason"] is None
     rows = read_csv(out / "institutions.csv")
     ok = [(r["institution"], r["round"]) for r in rows if r["status"] == "ok"]
-    assert sorted(ok) == sorted((f"hospital-{i}", str(r)) for i in range(3) for r in range(1, 5))  # each once
+    assert sorted(ok) == sorted((f"hospital-{i}", str(r)) for i in range(3) for r in range(1, 4))  # each once
     assert "trained round" in (material / "wait-institution2-restarted.log").read_text()
     coordinator_log = (material / "wait-coordinator.log").read_text()
     assert "sending the instruction again" in coordinator_log or "asking the 1 others again" in coordinator_log
