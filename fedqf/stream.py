@@ -254,9 +254,9 @@ def _pull_one_at_a_time(grid: Grid, message_ids: list[str], pull_later: frozense
     would hold N encrypted updates. This asks the SuperLink for the replies that are in (their metadata and object
     trees only; Flower's PullMessages request, for MESSAGES_PER_REQUEST of `message_ids` at a time, so that the
     trees held do not grow with the number of institutions) and then, lazily, pulls one reply's objects and
-    inflates it, as Flower does, reply by reply. An Array whose stype is in `pull_later` (a reply's ciphertexts) is handed on as
-    a `fedqf.protocol.DeferredArray`: its bytes stay at the SuperLink until read, so the running sum reads an update
-    an Array at a time and the coordinator never holds one whole. A reply is confirmed (the SuperLink may then drop
+    inflates it, as Flower does, reply by reply. An Array whose stype is in `pull_later` (a reply's ciphertexts) is
+    handed on as a `fedqf.protocol.DeferredArray`: its bytes stay at the SuperLink until read, so the running sum
+    reads an update an Array at a time and the coordinator never holds one whole. A reply is confirmed (the SuperLink may then drop
     its objects) once it has been consumed, so its DeferredArrays must be read before the next reply is asked for.
 
     A reply whose objects cannot be pulled, or do not inflate, becomes an error reply, as in Flower. Any other grid
