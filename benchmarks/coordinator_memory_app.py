@@ -63,6 +63,10 @@ def _scheme(context: Context, params: CkksParameters) -> PackingScheme:
 BLOCK = 1 << 16  # values drawn from one seed: any block of an update can be drawn again alone
 
 
+def _blocks(length: int) -> int:
+    return -(-length // BLOCK)
+
+
 def _quantized(index: int, server_round: int, length: int, scheme: PackingScheme, block: int) -> np.ndarray:
     """Block `block` of institution `index`'s update of round `server_round` (`length` values in all)."""
     rng = np.random.default_rng([index, server_round, block])
@@ -86,7 +90,7 @@ def _encrypt(message: Message, context: Context) -> Message:
     scheme = _scheme(context, CkksParameters.from_context(secret))
     index = int(context.node_config["partition-id"])
     server_round, params = _round_of(message)
-    update = np.concatenate([_quantized(index, server_round, params, scheme, b) for b in range(-(-params // BLOCK))])
+    update = np.concatenate([_quantized(index, server_round, params, scheme, b) for b in range(_blocks(params))])
     encrypted = encrypt_integers(secret, scheme.pack(update))
     content = RecordDict({
         ARRAYS: encrypted_to_record(encrypted),
@@ -108,7 +112,7 @@ def _decrypt(message: Message, context: Context) -> Message:
     # each institution checks its share of the blocks against the exact sum: together, every value once
     institutions, index = int(_setting(context, "institutions")), int(context.node_config["partition-id"])
     mismatches = 0
-    for block in range(index, -(-params // BLOCK), institutions):
+    for block in range(index, _blocks(params), institutions):
         expected = sum(_quantized(k, server_round, params, scheme, block) for k in range(institutions))
         mismatches += int(np.count_nonzero(sums[block * BLOCK:(block + 1) * BLOCK] != expected))
     return Message(RecordDict({METRICS: MetricRecord({"mismatches": mismatches})}), reply_to=message)
